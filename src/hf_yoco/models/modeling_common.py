@@ -1,0 +1,191 @@
+"""Building blocks shared by the hf_yoco models (YOCO and Block Transformer).
+
+Everything here is plain PyTorch + transformers so that it travels with a checkpoint as Hub remote code: the model
+files import it as a flat sibling (`from .modeling_common import ...`), the only form `save_pretrained` copies.
+
+- `RMSNorm`: Llama-convention RMSNorm (normalize in fp32, cast back, then scale); `elementwise_affine=False` gives
+  the weight-less per-head norm of gated retention.
+- `GatedMLP`: SwiGLU feed-forward with Llama names (`gate_proj`, `up_proj`, `down_proj`).
+- `RotaryEmbedding` / `apply_rotary_pos_emb`: RoPE with transformers' `rope_parameters` (default, linear, dynamic,
+  yarn, ...), partial rotary, and the official YOCO variant (`theta ** -linspace(0, 1, d/2)` frequencies,
+  interleaved GPT-J pairs).
+- `eager_attention_forward` / `attention_forward`: the attention glue that dispatches through transformers'
+  attention interface (`config._attn_implementation`: eager, sdpa, flash_attention_2, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm. Computes in fp32 and casts back before the (optional) weight, like `LlamaRMSNorm`."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, elementwise_affine: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size)) if elementwise_affine else None
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = (hidden_states * torch.rsqrt(variance + self.variance_epsilon)).to(input_dtype)
+        return hidden_states if self.weight is None else self.weight * hidden_states
+
+    def extra_repr(self) -> str:
+        shape = None if self.weight is None else tuple(self.weight.shape)
+        return f"{shape}, eps={self.variance_epsilon}"
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU feed-forward: `down_proj(act(gate_proj(x)) * up_proj(x))`."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu", bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act_fn = ACT2FN[hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+def compute_inv_freq(config, rotary_dim: int, style: str = "default") -> tuple[torch.Tensor, float]:
+    """Inverse frequencies for `rotary_dim` rotated channels, and the cos/sin scaling factor.
+
+    `style="yoco"` is the official YOCO formula `theta ** -linspace(0, 1, rotary_dim // 2)` (its last frequency is
+    exactly `1 / theta`); otherwise `config.rope_parameters["rope_type"]` picks a transformers RoPE function.
+    """
+    rope_parameters = config.rope_parameters
+    base = rope_parameters["rope_theta"]
+    if style == "yoco":
+        exponent = torch.linspace(0, 1, rotary_dim // 2, dtype=torch.float)
+        return 1.0 / (base**exponent), 1.0
+    rope_type = rope_parameters.get("rope_type", "default")
+    if rope_type == "default":
+        exponent = torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim
+        return 1.0 / (base**exponent), 1.0
+    # Scaled variants (linear, dynamic, yarn, llama3, ...) read `head_dim` and `partial_rotary_factor` from the config.
+    return ROPE_INIT_FUNCTIONS[rope_type](config, None)
+
+
+class RotaryEmbedding(nn.Module):
+    """Produces `(cos, sin)` of shape `[B, T, rotary_dim]` for the given position ids.
+
+    Args:
+        config: a config with `rope_parameters` (and `max_position_embeddings`).
+        rotary_dim: number of rotated channels per head (head_dim, or less for partial rotary).
+        interleaved: rotate GPT-J pairs `(x[2i], x[2i+1])` instead of halves `(x[i], x[i + d/2])`.
+        style: "default" (transformers RoPE types) or "yoco" (official YOCO frequencies).
+    """
+
+    def __init__(self, config, rotary_dim: int, interleaved: bool = False, style: str = "default") -> None:
+        super().__init__()
+        self.config = config
+        self.rotary_dim = rotary_dim
+        self.interleaved = interleaved
+        self.style = style
+        inv_freq, self.attention_scaling = compute_inv_freq(config, rotary_dim, style)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    def reset_inv_freq(self) -> torch.Tensor:
+        """Fresh inverse frequencies (used by `_init_weights` after meta-device construction)."""
+        return compute_inv_freq(self.config, self.rotary_dim, self.style)[0]
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # [B, T, 1] * [R/2] -> [B, T, R/2]
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        if self.interleaved:
+            emb = freqs.repeat_interleave(2, dim=-1)  # [B, T, R]: f0 f0 f1 f1 ...
+        else:
+            emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, R]: f0 f1 ... f0 f1 ...
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the two halves of the last dim."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): GPT-J / interleaved pairs."""
+    x_even, x_odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack((-x_odd, x_even), dim=-1).flatten(-2)
+
+
+def apply_rotary_pos_emb(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False
+) -> torch.Tensor:
+    """Rotate `x` of shape `[B, H, T, D]` with `cos`/`sin` of shape `[B, T, R]` (R <= D; the rest passes through)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, R]
+    rotary_dim = cos.shape[-1]
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    rotate = rotate_every_two if interleaved else rotate_half
+    x_rot = x_rot * cos + rotate(x_rot) * sin
+    return x_rot if x_pass.shape[-1] == 0 else torch.cat((x_rot, x_pass), dim=-1)
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, H_kv, T, D] -> [B, H_kv * n_rep, T, D] (GQA)."""
+    if n_rep == 1:
+        return hidden_states
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference attention: `softmax(q k^T * scaling + mask) v`; returns `([B, T, H, D], [B, H, T, S])`."""
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states)
+    return attn_output.transpose(1, 2).contiguous(), attn_weights
+
+
+def attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dispatch to the attention implementation chosen in `module.config._attn_implementation`.
+
+    `module` needs `config`, `num_key_value_groups`, `is_causal` and `layer_idx` (transformers' contract).
+    Shapes: query `[B, H, T, D]`, key/value `[B, H_kv, S, D]`; returns `[B, T, H, D]` and optional weights.
+    """
+    interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+        module.config._attn_implementation, eager_attention_forward
+    )
+    return interface(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
