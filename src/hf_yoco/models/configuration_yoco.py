@@ -43,9 +43,11 @@ class YocoConfig(PreTrainedConfig):
             `log(gamma) = logsigmoid(x W_gamma) / gate_logit_normalizer` (gRet decay per head and token).
         retention_chunk_size (`int`, defaults to 64):
             Chunk length of the chunkwise gRet form used for prompts/training sequences.
-        prefill_chunk_size (`int`, *optional*, defaults to 4096):
-            At inference (no gradients), push at most this many prompt tokens through the self-decoder at once, so
-            activation memory stays bounded for very long prompts; results equal one-shot prefill. `None` disables it.
+        self_decoder_chunk_size (`int`, *optional*, defaults to 4096):
+            Chunked prefill: in eval mode, push at most this many prompt tokens through the self-decoder at once
+            (state carried by the cache), so activation memory stays bounded for very long prompts; results equal
+            one-shot prefill. `None` disables it. (Named apart from `GenerationConfig.prefill_chunk_size`, which
+            chunks whole forward calls inside `generate()` and also works with YOCO.)
         official_numerics (`bool`, defaults to `False`):
             Reproduce the official microsoft/unilm YOCO numerics needed to load converted checkpoints: embeddings
             scaled by `sqrt(hidden_size)` and RoPE with `theta ** -linspace(0, 1, d/2)` frequencies on interleaved
@@ -80,7 +82,7 @@ class YocoConfig(PreTrainedConfig):
     num_retention_heads: int | None = None
     gate_logit_normalizer: float = 16.0
     retention_chunk_size: int = 64
-    prefill_chunk_size: int | None = 4096
+    self_decoder_chunk_size: int | None = 4096
     official_numerics: bool = False
     layer_types: list[str] | None = None
 
@@ -141,7 +143,9 @@ class YocoConfig(PreTrainedConfig):
                 f"got {self.num_hidden_layers}."
             )
         if self.self_decoder_type not in SELF_DECODER_TYPES:
-            raise ValueError(f"`self_decoder_type` must be one of {SELF_DECODER_TYPES}, got {self.self_decoder_type!r}.")
+            raise ValueError(
+                f"`self_decoder_type` must be one of {SELF_DECODER_TYPES}, got {self.self_decoder_type!r}."
+            )
         if self.head_dim is None:
             raise ValueError(
                 f"`num_attention_heads` ({self.num_attention_heads}) must divide `hidden_size` ({self.hidden_size}) "
@@ -177,10 +181,12 @@ class YocoConfig(PreTrainedConfig):
                     f"`num_retention_heads` ({heads}) must divide `hidden_size` ({self.hidden_size}) into an even "
                     "head size."
                 )
-        if self.prefill_chunk_size is not None and (
-            isinstance(self.prefill_chunk_size, bool) or self.prefill_chunk_size <= 0
+        if self.self_decoder_chunk_size is not None and (
+            isinstance(self.self_decoder_chunk_size, bool) or self.self_decoder_chunk_size <= 0
         ):
-            raise ValueError(f"`prefill_chunk_size` must be a positive int or None, got {self.prefill_chunk_size!r}.")
+            raise ValueError(
+                f"`self_decoder_chunk_size` must be a positive int or None, got {self.self_decoder_chunk_size!r}."
+            )
         rope_type = (self.rope_parameters or {}).get("rope_type", "default")
         if self.official_numerics and rope_type != "default":
             raise ValueError(

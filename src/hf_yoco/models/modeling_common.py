@@ -128,10 +128,13 @@ def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary_pos_emb(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False, unsqueeze_dim: int = 1
 ) -> torch.Tensor:
-    """Rotate `x` of shape `[B, H, T, D]` with `cos`/`sin` of shape `[B, T, R]` (R <= D; the rest passes through)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, R]
+    """Rotate `x` with `cos`/`sin` of shape `[B, T, R]` (R <= D; the remaining channels pass through).
+
+    `x` is `[B, H, T, D]` with `unsqueeze_dim=1` (attention layout) or `[B, T, H, D]` with `unsqueeze_dim=2`.
+    """
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)  # [B, 1, T, R] or [B, T, 1, R]
     rotary_dim = cos.shape[-1]
     x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
     rotate = rotate_every_two if interleaved else rotate_half

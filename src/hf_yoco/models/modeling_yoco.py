@@ -1,0 +1,779 @@
+"""PyTorch YOCO: "You Only Cache Once: Decoder-Decoder Architectures for Language Models" (arXiv:2405.05254).
+
+Notable features:
+- Decoder-decoder: the first `num_hidden_layers // 2` layers are a *self-decoder* with a constant-size state per
+  layer (sliding-window attention, W keys including the current token, or gated retention, a gated linear
+  recurrence); the other half is a *cross-decoder* whose layers only own `q_proj`/`o_proj`/MLP.
+- The global K/V is computed **once** from the self-decoder output (`global_kv`: RMSNorm -> k_proj/v_proj -> RoPE(K))
+  and shared by every cross-decoder layer, so the KV cache is O(N) instead of O(N * L).
+- Prefill early exit: with `logits_to_keep=k` (generate passes 1) the cross-decoder runs on the last k positions only.
+- Chunked prefill: at inference, at most `config.self_decoder_chunk_size` prompt tokens go through the self-decoder at a
+  time (state carried by the cache), bounding activation memory; the result equals one-shot prefill.
+- Gated retention in three equivalent forms: parallel (short sequences), chunkwise (long sequences), recurrent (decode).
+- `YocoCache` is a `DynamicCache` built from `config.layer_types` / `config.kv_sharing_modes`: per self layer a
+  sliding-window KV or a recurrent state, one "store" layer holding the global K/V, "dummy" layers for the rest.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    causal_mask_function,
+    create_recurrent_attention_mask,
+    create_sliding_window_causal_mask,
+)
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.utils import can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_yoco import YocoConfig
+from .modeling_common import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary_pos_emb, attention_forward
+
+# --------------------------------------------------------------------------------------------------------------------
+# Gated retention (pure PyTorch). Layout follows flash-linear-attention: q/k/v `[B, T, H, D]`, log-decay `g` `[B, T, H]`,
+# state `[B, H, K, V]`. Keys are expected pre-scaled by K**-0.5. With G_t = sum_{s<=t} g_s:
+#     S_t = exp(g_t) * S_{t-1} + k_t^T v_t,      o_t = q_t S_t = sum_{s<=t} exp(G_t - G_s) (q_t . k_s) v_s
+# All three forms compute in fp32 and return the output in v's dtype and the state in fp32.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _decay_matrix(g_cum: torch.Tensor) -> torch.Tensor:
+    """exp(G_i - G_j) for j <= i, 0 above the diagonal: `[..., T]` -> `[..., T, T]`."""
+    length = g_cum.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=g_cum.device).tril()
+    return (g_cum[..., :, None] - g_cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+
+
+def parallel_gated_retention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Parallel form: `O = ((Q K^T) * D) V` with `D_ij = exp(G_i - G_j) [j <= i]`, plus the initial state's share."""
+    dtype = v.dtype
+    q, k, v = (x.transpose(1, 2).float() for x in (q, k, v))  # [B, H, T, D]
+    g_cum = g.transpose(1, 2).float().cumsum(-1)  # [B, H, T]
+    out = ((q @ k.transpose(-1, -2)) * _decay_matrix(g_cum)) @ v  # [B, H, T, V]
+    if initial_state is not None:
+        out = out + (q * g_cum[..., None].exp()) @ initial_state.float()
+    final_state = None
+    if output_final_state:
+        g_last = g_cum[..., -1:]  # [B, H, 1]
+        final_state = (k * (g_last - g_cum)[..., None].exp()).transpose(-1, -2) @ v  # [B, H, K, V]
+        if initial_state is not None:
+            final_state = final_state + g_last[..., None].exp() * initial_state.float()
+    return out.transpose(1, 2).to(dtype), final_state
+
+
+def chunk_gated_retention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    chunk_size: int = 64,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunkwise form: parallel inside chunks of `chunk_size`, a recurrence over chunk states between them.
+
+    The last partial chunk is zero-padded with k = v = 0 and g = 0, which leaves outputs and state unchanged.
+    """
+    dtype = v.dtype
+    batch, length, heads, _ = q.shape
+    pad = (-length) % chunk_size
+    q, k, v = (F.pad(x.transpose(1, 2).float(), (0, 0, 0, pad)) for x in (q, k, v))  # [B, H, T', D]
+    g = F.pad(g.transpose(1, 2).float(), (0, pad))  # [B, H, T']
+    num_chunks = (length + pad) // chunk_size
+    q, k, v = (x.reshape(batch, heads, num_chunks, chunk_size, -1) for x in (q, k, v))  # [B, H, N, C, D]
+    g_cum = g.reshape(batch, heads, num_chunks, chunk_size).cumsum(-1)  # [B, H, N, C], within each chunk
+
+    out = ((q @ k.transpose(-1, -2)) * _decay_matrix(g_cum)) @ v  # intra-chunk, [B, H, N, C, V]
+    g_last = g_cum[..., -1]  # [B, H, N]
+    chunk_kv = (k * (g_last[..., None] - g_cum).exp()[..., None]).transpose(-1, -2) @ v  # [B, H, N, K, V]
+    chunk_decay = g_last.exp()[..., None, None]  # [B, H, N, 1, 1]
+
+    state = q.new_zeros(batch, heads, q.shape[-1], v.shape[-1]) if initial_state is None else initial_state.float()
+    states = []
+    for n in range(num_chunks):
+        states.append(state)  # state entering chunk n
+        state = chunk_decay[:, :, n] * state + chunk_kv[:, :, n]
+    out = out + (q * g_cum.exp()[..., None]) @ torch.stack(states, dim=2)  # inter-chunk
+    out = out.reshape(batch, heads, num_chunks * chunk_size, -1)[:, :, :length]  # [B, H, T, V]
+    return out.transpose(1, 2).to(dtype), state if output_final_state else None
+
+
+def recurrent_gated_retention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Recurrent form, one token at a time (decode): `S_t = exp(g_t) S_{t-1} + k_t^T v_t`, `o_t = q_t S_t`."""
+    dtype = v.dtype
+    batch, length, heads, key_dim = q.shape
+    q, k, v, g = q.float(), k.float(), v.float(), g.float()
+    state = q.new_zeros(batch, heads, key_dim, v.shape[-1]) if initial_state is None else initial_state.float()
+    outputs = []
+    for t in range(length):
+        state = g[:, t, :, None, None].exp() * state + k[:, t, :, :, None] * v[:, t, :, None, :]  # [B, H, K, V]
+        outputs.append((q[:, t, :, None, :] @ state).squeeze(-2))  # [B, H, V]
+    out = torch.stack(outputs, dim=1)  # [B, T, H, V]
+    return out.to(dtype), state if output_final_state else None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Cache
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+class YocoCache(DynamicCache):
+    """Cache of a YOCO model: one constant-size state per self-decoder layer plus **one** global K/V.
+
+    Layers (built by transformers from `config.layer_types` / `config.kv_sharing_modes`):
+    - self-decoder layers: `DynamicSlidingWindowLayer` (the last W-1 keys/values) for sliding-window attention,
+      or `LinearAttentionLayer` (recurrent state `[B, H, K, V]`, fp32) for gated retention;
+    - layer `L/2` ("store"): `DynamicLayer` holding the global K/V `[B, H_kv, N, D]`;
+    - layers `L/2+1 .. L-1` ("reuse"): `DummyLayer`, nothing stored.
+
+    `generate()` creates it by itself; pass one as `past_key_values` to reuse or inspect it (`memory_bytes()`).
+    """
+
+    def __init__(self, config: YocoConfig, offloading: bool = False, offload_only_non_sliding: bool = False) -> None:
+        super().__init__(config=config, offloading=offloading, offload_only_non_sliding=offload_only_non_sliding)
+        self.self_decoder_type = config.self_decoder_type
+        self.num_self_decoder_layers = config.num_hidden_layers // 2
+        self.global_kv_layer_idx = self.num_self_decoder_layers
+
+    @property
+    def global_key_values(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The shared global K/V, each `[B, H_kv, N, D]` (None before the first forward)."""
+        layer = self.layers[self.global_kv_layer_idx]
+        return layer.keys, layer.values
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held by the cache tensors: `self_decoder` (windows / recurrent states), `global_kv`, `total`."""
+        self_decoder = 0
+        for layer in self.layers[: self.num_self_decoder_layers]:
+            if isinstance(layer, LinearAttentionCacheLayerMixin):
+                self_decoder += _tensor_bytes(*layer.recurrent_states.values(), *layer.conv_states.values())
+            else:
+                self_decoder += _tensor_bytes(layer.keys, layer.values)
+        global_kv = _tensor_bytes(*self.global_key_values)
+        return {"self_decoder": self_decoder, "global_kv": global_kv, "total": self_decoder + global_kv}
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if self.self_decoder_type == "gated_retention":
+            raise ValueError(
+                "YocoCache.crop is not supported with self_decoder_type='gated_retention': the recurrent retention "
+                "state cannot be rolled back. Re-run the kept prefix instead. (Assisted/prompt-lookup decoding is "
+                "refused for this variant; use self_decoder_type='sliding_window' for it.)"
+            )
+        super().crop(tokens_to_remove)
+
+    def _map_recurrent_states(self, fn) -> None:
+        for layer in self.layers:
+            if isinstance(layer, LinearAttentionCacheLayerMixin):
+                for i, initialized in layer.is_recurrent_states_initialized.items():
+                    if initialized:
+                        layer.recurrent_states[i] = fn(layer.recurrent_states[i])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_recurrent_states(lambda s: s.index_select(0, beam_idx.to(s.device)))
+        for layer in self.layers:
+            if not isinstance(layer, LinearAttentionCacheLayerMixin):
+                layer.reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_recurrent_states(lambda s: s.repeat_interleave(repeats, dim=0))
+        for layer in self.layers:
+            if not isinstance(layer, LinearAttentionCacheLayerMixin):
+                layer.batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_recurrent_states(lambda s: s[indices.to(s.device)])
+        for layer in self.layers:
+            if not isinstance(layer, LinearAttentionCacheLayerMixin):
+                layer.batch_select_indices(indices)
+
+
+def _get_recurrent_state(cache: Cache | None, layer_idx: int) -> torch.Tensor | None:
+    """The retention state of `layer_idx` in any transformers cache built from a YocoConfig (None if empty)."""
+    if cache is None:
+        return None
+    layer = cache.layers[layer_idx]
+    return layer.recurrent_states[0] if layer.is_recurrent_states_initialized[0] else None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class YocoScaledEmbedding(nn.Embedding):
+    """Token embedding, multiplied by `embed_scale` (sqrt(hidden_size) with official numerics, else 1)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, embed_scale: float = 1.0):
+        super().__init__(num_embeddings, embedding_dim, padding_idx)
+        self.embed_scale = embed_scale
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        embeds = super().forward(input_ids)
+        return embeds if self.embed_scale == 1.0 else embeds * self.embed_scale
+
+
+class YocoSlidingWindowAttention(nn.Module):
+    """Self-decoder mixer: causal GQA attention over the last `sliding_window` keys (current token included)."""
+
+    def __init__(self, config: YocoConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.sliding_window = config.sliding_window
+        self.is_causal = True
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, length, _ = hidden_states.shape
+        shape = (batch, length, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # [B, H, T, D]
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)  # [B, H_kv, T, D]
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query = apply_rotary_pos_emb(query, cos, sin, self.config.official_numerics)
+        key = apply_rotary_pos_emb(key, cos, sin, self.config.official_numerics)
+        if past_key_values is not None:  # cached last W-1 keys + the new ones
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        attn_output, attn_weights = attention_forward(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling=self.scaling,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(batch, length, -1).contiguous()  # [B, T, H * D]
+        return self.o_proj(attn_output), attn_weights
+
+
+class YocoGatedRetention(nn.Module):
+    """Self-decoder mixer: gated retention (gRet).
+
+    `log(gamma) = logsigmoid(x W_gamma) / gate_logit_normalizer` per head and token; keys scaled by d**-0.5;
+    `o = retention(q, k, v, log gamma)`, per-head RMSNorm without weight, then `o_proj(silu(g_proj(x)) * o)`.
+    Padded positions get k = v = 0 **and** no decay, so left padding never reaches the state.
+    """
+
+    def __init__(self, config: YocoConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_retention_heads or config.num_attention_heads
+        self.head_dim = config.retention_head_dim
+        self.chunk_size = config.retention_chunk_size
+        self.gate_logit_normalizer = config.gate_logit_normalizer
+        inner = self.num_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.g_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.gt_proj = nn.Linear(config.hidden_size, self.num_heads, bias=False)
+        self.o_proj = nn.Linear(inner, config.hidden_size, bias=False)
+        self.norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps, elementwise_affine=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        batch, length, _ = hidden_states.shape
+        shape = (batch, length, self.num_heads, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape)  # [B, T, H, D]
+        key = self.k_proj(hidden_states).view(shape)
+        value = self.v_proj(hidden_states).view(shape)
+        cos, sin = position_embeddings
+        query = apply_rotary_pos_emb(query, cos, sin, self.config.official_numerics, unsqueeze_dim=2)
+        key = apply_rotary_pos_emb(key, cos, sin, self.config.official_numerics, unsqueeze_dim=2) * self.head_dim**-0.5
+        log_decay = F.logsigmoid(self.gt_proj(hidden_states).float()) / self.gate_logit_normalizer  # [B, T, H]
+        if attention_mask is not None:  # 2D padding mask [B, T]: no input and no decay on padded positions
+            keep = attention_mask.to(log_decay.dtype)[..., None]  # [B, T, 1]
+            key, value = key * keep[..., None].to(key.dtype), value * keep[..., None].to(value.dtype)
+            log_decay = log_decay * keep
+
+        state = _get_recurrent_state(past_key_values, self.layer_idx)
+        want_state = past_key_values is not None
+        if length == 1:
+            out, state = recurrent_gated_retention(query, key, value, log_decay, state, want_state)
+        elif length <= self.chunk_size:
+            out, state = parallel_gated_retention(query, key, value, log_decay, state, want_state)
+        else:
+            out, state = chunk_gated_retention(query, key, value, log_decay, self.chunk_size, state, want_state)
+        if want_state:
+            past_key_values.update_recurrent_state(state, self.layer_idx)
+
+        out = self.norm(out).reshape(batch, length, -1)  # per-head norm, then [B, T, H * D]
+        out = F.silu(self.g_proj(hidden_states)) * out
+        return self.o_proj(out), None
+
+
+class YocoGlobalKV(nn.Module):
+    """Builds the single global K/V from the self-decoder output: RMSNorm -> k_proj / v_proj -> RoPE(K)."""
+
+    def __init__(self, config: YocoConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.head_dim = config.head_dim
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        past_key_values: Cache | None = None,
+        layer_idx: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, length, _ = hidden_states.shape
+        hidden_states = self.norm(hidden_states)
+        shape = (batch, length, -1, self.head_dim)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)  # [B, H_kv, T, D]
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        key = apply_rotary_pos_emb(key, cos, sin, self.config.official_numerics)  # RoPE once, before caching
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, layer_idx)  # -> all N positions so far
+        return key, value
+
+
+class YocoCrossAttention(nn.Module):
+    """Cross-decoder mixer: per-layer queries attending causally to the shared global K/V (GQA)."""
+
+    def __init__(self, config: YocoConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        global_key_values: tuple[torch.Tensor, torch.Tensor],
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, length, _ = hidden_states.shape
+        query = self.q_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        cos, sin = position_embeddings
+        query = apply_rotary_pos_emb(query, cos, sin, self.config.official_numerics)
+        key, value = global_key_values
+        attn_output, attn_weights = attention_forward(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling=self.scaling,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(batch, length, -1).contiguous()  # [B, T, H * D]
+        return self.o_proj(attn_output), attn_weights
+
+
+class YocoDecoderLayer(GradientCheckpointingLayer):
+    """Pre-RMSNorm block; the mixer is `self_attn` (self-decoder half) or `cross_attn` (cross-decoder half)."""
+
+    def __init__(self, config: YocoConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.is_cross_layer = layer_idx >= config.num_hidden_layers // 2
+        if self.is_cross_layer:
+            self.cross_attn = YocoCrossAttention(config, layer_idx)
+        elif config.self_decoder_type == "sliding_window":
+            self.self_attn = YocoSlidingWindowAttention(config, layer_idx)
+        else:
+            self.self_attn = YocoGatedRetention(config, layer_idx)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        global_key_values: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        if self.is_cross_layer:
+            hidden_states, _ = self.cross_attn(
+                hidden_states, global_key_values, position_embeddings, attention_mask, **kwargs
+            )
+        else:
+            hidden_states, _ = self.self_attn(
+                hidden_states, position_embeddings, attention_mask, past_key_values=past_key_values, **kwargs
+            )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class YocoPreTrainedModel(PreTrainedModel):
+    config_class = YocoConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["YocoDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = False
+    _can_compile_fullgraph = False
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "hidden_states": YocoDecoderLayer,
+        "attentions": [
+            OutputRecorder(YocoSlidingWindowAttention, index=1),
+            OutputRecorder(YocoCrossAttention, index=1),
+        ],
+    }
+
+    @property
+    def _is_stateful(self) -> bool:
+        # The gated-retention state cannot be rolled back, so generate() refuses assisted decoding for it.
+        return self.config.self_decoder_type == "gated_retention"
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        from transformers import initialization as init
+
+        if isinstance(module, RotaryEmbedding):
+            inv_freq = module.reset_inv_freq()
+            init.copy_(module.inv_freq, inv_freq)
+            init.copy_(module.original_inv_freq, inv_freq)
+        else:
+            super()._init_weights(module)
+
+
+class YocoModel(YocoPreTrainedModel):
+    """The YOCO decoder-decoder backbone (embeddings, self-decoder, global K/V, cross-decoder, final norm)."""
+
+    def __init__(self, config: YocoConfig) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.num_self_decoder_layers = config.num_hidden_layers // 2
+        embed_scale = math.sqrt(config.hidden_size) if config.official_numerics else 1.0
+        self.embed_tokens = YocoScaledEmbedding(config.vocab_size, config.hidden_size, self.padding_idx, embed_scale)
+        self.layers = nn.ModuleList([YocoDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.global_kv = YocoGlobalKV(config)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        rope_style = "yoco" if config.official_numerics else "default"
+        interleaved = config.official_numerics
+        # RoPE for the cross-decoder, the global K and sliding-window attention (head_dim) ...
+        self.rotary_emb = RotaryEmbedding(config, config.head_dim, interleaved=interleaved, style=rope_style)
+        # ... and for gated retention, whose head size is hidden_size // num_retention_heads.
+        self.retention_rotary_emb = None
+        if config.self_decoder_type == "gated_retention":
+            self.retention_rotary_emb = RotaryEmbedding(
+                config, config.retention_head_dim, interleaved=interleaved, style=rope_style
+            )
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def _self_decoder_mask(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None, position_ids
+    ) -> torch.Tensor | None:
+        """4D sliding-window mask (SWA) or the 2D padding mask of the current tokens (gated retention)."""
+        if self.config.self_decoder_type == "sliding_window":
+            return create_sliding_window_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                past_key_values=cache,
+                position_ids=position_ids,
+            )
+        return create_recurrent_attention_mask(self.config, inputs_embeds, attention_mask, cache)
+
+    def _cross_attention_mask(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        q_offset: int,
+        kv_length: int,
+        kv_offset: int,
+        cache: Cache | None,
+    ) -> torch.Tensor | None:
+        """Causal mask of the kept query rows (absolute positions `q_offset..`) over the global K/V, with padding."""
+        if attention_mask is not None and attention_mask.ndim == 4:  # a custom 4D mask: keep its last rows
+            return attention_mask[:, :, -hidden_states.shape[1] :, :]
+        implementation = self.config._attn_implementation
+        if implementation not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+            return None
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(device=hidden_states.device, dtype=torch.bool)
+        q_length = hidden_states.shape[1]
+        return ALL_MASK_ATTENTION_FUNCTIONS[implementation](
+            batch_size=hidden_states.shape[0],
+            q_length=q_length,
+            kv_length=kv_length,
+            q_offset=q_offset,
+            kv_offset=kv_offset,
+            mask_function=causal_mask_function,
+            attention_mask=attention_mask,
+            allow_is_causal_skip=not (getattr(cache, "is_compileable", False) and q_length == 1),
+            dtype=hidden_states.dtype,
+            config=self.config,
+            use_vmap=False,
+            device=hidden_states.device,
+        )
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        r"""
+        logits_to_keep (`int`, defaults to 0):
+            If > 0, the cross-decoder runs only on the last `logits_to_keep` positions (prefill early exit) and the
+            returned `last_hidden_state` has that length. 0 runs it on every position. Ignored (all positions) when
+            hidden states or attentions are requested.
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = YocoCache(config=self.config)
+        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        length = inputs_embeds.shape[1]
+        if position_ids is None:
+            position_ids = (torch.arange(length, device=inputs_embeds.device) + past_seen).unsqueeze(0)
+
+        outputs_requested = any(
+            kwargs.get(f"output_{name}", getattr(self.config, f"output_{name}", False))
+            for name in ("hidden_states", "attentions")
+        )
+        keep = length if outputs_requested or logits_to_keep <= 0 else min(logits_to_keep, length)
+        chunk = self.config.self_decoder_chunk_size
+        chunked = (
+            chunk is not None
+            and length > chunk
+            and not self.training
+            and not outputs_requested
+            and (attention_mask is None or attention_mask.ndim == 2)
+        )
+        cache = past_key_values
+        if chunked and cache is None:  # carries the self-decoder state between chunks; not returned
+            cache = YocoCache(config=self.config)
+
+        # Global K/V sizes, read before this forward updates the "store" layer.
+        store_idx = self.num_self_decoder_layers
+        if cache is not None:
+            kv_length, kv_offset = cache.get_mask_sizes(length, store_idx)
+            q_offset = cache.get_query_offset(store_idx)
+        else:
+            kv_length, kv_offset, q_offset = length, 0, 0
+
+        # Self-decoder + global K/V, in chunks of at most `self_decoder_chunk_size` tokens at inference.
+        self_rotary = self.retention_rotary_emb or self.rotary_emb
+        kept_states = []
+        for start in range(0, length, chunk if chunked else length):
+            end = min(start + chunk, length) if chunked else length
+            hidden_states = inputs_embeds[:, start:end]
+            chunk_position_ids = position_ids[:, start:end]
+            chunk_mask = attention_mask
+            if chunked and attention_mask is not None:
+                chunk_mask = attention_mask[:, : past_seen + end]
+            self_mask = self._self_decoder_mask(hidden_states, chunk_mask, cache, chunk_position_ids)
+            self_position_embeddings = self_rotary(hidden_states, chunk_position_ids)
+            for layer in self.layers[: self.num_self_decoder_layers]:
+                hidden_states = layer(
+                    hidden_states,
+                    self_position_embeddings,
+                    attention_mask=self_mask,
+                    past_key_values=cache,
+                    **kwargs,
+                )
+            kv_position_embeddings = (
+                self_position_embeddings
+                if self.retention_rotary_emb is None
+                else self.rotary_emb(hidden_states, chunk_position_ids)
+            )
+            global_key_values = self.global_kv(hidden_states, kv_position_embeddings, cache, store_idx)
+            kept_states.append(hidden_states[:, max(length - keep - start, 0) :])
+        hidden_states = torch.cat(kept_states, dim=1) if len(kept_states) > 1 else kept_states[0]  # [B, keep, d]
+
+        # Cross-decoder on the last `keep` positions only.
+        cross_position_ids = position_ids[:, -keep:]
+        cross_mask = self._cross_attention_mask(
+            hidden_states, attention_mask, q_offset + length - keep, kv_length, kv_offset, cache
+        )
+        cross_position_embeddings = self.rotary_emb(hidden_states, cross_position_ids)
+        for layer in self.layers[self.num_self_decoder_layers :]:
+            hidden_states = layer(
+                hidden_states,
+                cross_position_embeddings,
+                attention_mask=cross_mask,
+                global_key_values=global_key_values,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+
+class YocoForCausalLM(YocoPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: YocoConfig) -> None:
+        super().__init__(config)
+        self.model = YocoModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
+        """Let generate() build its default cache, then swap the plain `DynamicCache` for a `YocoCache`."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+            yoco_cache = YocoCache(config=self.config, offloading=cache.offloading)
+            if generation_config.is_assistant:
+                yoco_cache.activate_past_recording()
+            model_kwargs["past_key_values"] = yoco_cache
+
+    def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
+        """Keep the 2D mask with static caches too: forward builds its masks per prefill chunk and per kept row."""
+        return attention_mask
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Targets for the causal LM loss (shifted inside the loss; -100 is ignored). With labels, the
+            cross-decoder runs on every position.
+        logits_to_keep (`int` or `torch.Tensor`, defaults to 0):
+            An int k keeps the logits of the last k positions, and the cross-decoder then only runs on those
+            (prefill early exit); a 1D tensor keeps those sequence indices.
+
+        Example:
+
+        ```python
+        >>> import hf_yoco
+        >>> from transformers import AutoModelForCausalLM
+        >>> config = hf_yoco.YocoConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        ...                             num_attention_heads=4, num_key_value_heads=2)
+        >>> model = AutoModelForCausalLM.from_config(config)
+        >>> out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False)
+        ```
+        """
+        cross_positions = logits_to_keep if labels is None and isinstance(logits_to_keep, int) else 0
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            logits_to_keep=cross_positions,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = [
+    "YocoCache",
+    "YocoForCausalLM",
+    "YocoModel",
+    "YocoPreTrainedModel",
+    "chunk_gated_retention",
+    "parallel_gated_retention",
+    "recurrent_gated_retention",
+]
