@@ -192,3 +192,22 @@ def attention_forward(
         module.config._attn_implementation, eager_attention_forward
     )
     return interface(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GPT-NeoX-style block parts (Block Transformer's `layer_style="gpt_neox"`, for converting the official Pythia-based
+# checkpoints). LayerNorm itself is `torch.nn.LayerNorm`.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class DenseMLP(nn.Module):
+    """Two-layer feed-forward `down_proj(act(up_proj(x)))` (GPT-NeoX `dense_h_to_4h` -> `dense_4h_to_h`)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "gelu", bias: bool = True) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act_fn = ACT2FN[hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.up_proj(hidden_states)))
