@@ -1,0 +1,786 @@
+"""Block Transformer (Ho et al., 2024, arXiv:2406.02657) as a native transformers causal LM.
+
+Notation: `L` = `block_length`, `k` = `num_prefix_tokens`, `D` = `hidden_size`, `S = k + L - 1` (token-decoder length).
+
+- Embedder: `nn.Embedding(V, D / L)`; the `L` embeddings of a block are concatenated into one block vector `[D]`.
+- Block decoder: causal self-attention over block vectors (rotary positions = block indices), final norm. Its output
+  for block `i - 1` is the *context* of block `i`.
+- First block: block 0 has no previous block, so its context is a learned vector `start_context` `[D]` (same space as
+  the block decoder's normalised outputs). The official model never predicts block 0; with the start context every
+  token gets a prediction and the causal-LM loss covers every token, while blocks >= 1 are computed exactly as in the
+  official model (which matters for converted checkpoints).
+- Expansion: `context_to_prefix = Linear(D, k * D)`, viewed as `k` prefix vectors (prefix j = channels
+  `[j * D, (j + 1) * D)`, the official Conv1d layout).
+- Token decoder: for block `i` it runs on `[prefix_1..prefix_k, x_{iL}, .., x_{iL+L-2}]` at rotary positions
+  `0 .. S - 1`; the output at position `k - 1 + o` predicts token `o` of block `i`. The last token of a block is
+  never a token-decoder input (it only enters through the block decoder).
+- HF convention: `logits[:, t]` predicts token `t + 1`, for every `t` (also inside the first block and at the last
+  input position, which uses the context of the last complete block).
+
+Padding and block boundaries: blocks are anchored at each row's *first real token* (the first 1 in
+`attention_mask`), so a left-padded row computes exactly what it computes alone. Internally each row is rotated left
+by its number of pads; results are rotated back (outputs at pad positions are meaningless). Right padding (trailing
+zeros) is treated as ordinary tokens, which cannot affect earlier positions. `position_ids` are accepted for API
+compatibility but ignored: positions follow from the block structure.
+
+Cache (`BlockTransformerCache`): per block-decoder layer the K/V of the completed blocks (ragged per row, padded to
+the longest row), per token-decoder layer the K/V of the current block's local sequence (`S` slots), the pending
+token ids of the unfinished block, and the number of real tokens per row. Decoding one token either extends the
+current block (one token-decoder step) or completes it (embed the block, one block-decoder step, new prefix, reset
+the local state); in a left-padded batch both happen in the same step for different rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.generation import GenerationMixin
+from transformers.initialization import copy_, normal_, zeros_
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.utils import can_return_tuple
+
+from .configuration_block_transformer import BlockTransformerConfig
+from .modeling_common import DenseMLP, GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary_pos_emb, attention_forward
+
+
+def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean `allowed` -> additive float mask (0 where allowed, the dtype's minimum elsewhere)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`[1, 1, length, length]` additive causal mask."""
+    positions = torch.arange(length, device=device)
+    return _additive_mask(positions[None, :] <= positions[:, None], dtype)[None, None]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class BlockTransformerBlockCacheLayer(CacheLayerMixin):
+    """K/V over completed blocks for one block-decoder layer: `[B, H_kv, N, head_dim]`, ragged per row.
+
+    Row `b` holds `num_blocks[b]` valid entries (tracked by `BlockTransformerCache`); entries past it are stale and
+    overwritten as the row completes blocks.
+    """
+
+    is_sliding = False
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill (`positions is None`): store all blocks. Step: write one block per row of `rows` at `positions`.
+
+        Returns the keys/values the queries attend to: all of them at prefill, else `[len(rows), H_kv,
+        max(positions) + 1, head_dim]` (entries past a row's own position must be masked by the caller).
+        """
+        if positions is None:
+            self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states, value_states
+            return key_states, value_states
+        needed = int(positions.max()) + 1
+        if self.keys is None:
+            self.lazy_initialization(key_states, value_states)
+            batch = int(kwargs["batch_size"])
+            shape = (batch, key_states.shape[1], 0, key_states.shape[-1])
+            self.keys = key_states.new_zeros(shape)
+            self.values = value_states.new_zeros(shape)
+        if self.keys.shape[-2] < needed:  # grow along the block axis
+            pad = needed - self.keys.shape[-2]
+            self.keys = torch.cat([self.keys, self.keys.new_zeros(*self.keys.shape[:2], pad, self.keys.shape[-1])], 2)
+            self.values = torch.cat(
+                [self.values, self.values.new_zeros(*self.values.shape[:2], pad, self.values.shape[-1])], 2
+            )
+        # keys[rows, :, positions] is [r, H_kv, head_dim]; the new block is key_states[:, :, 0]
+        self.keys[rows, :, positions] = key_states[:, :, 0]
+        self.values[rows, :, positions] = value_states[:, :, 0]
+        return self.keys[rows, :, :needed], self.values[rows, :, :needed]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+
+    def _map(self, fn) -> None:
+        if self.keys is not None:
+            self.keys, self.values = fn(self.keys), fn(self.values)
+
+
+class BlockTransformerLocalCacheLayer(BlockTransformerBlockCacheLayer):
+    """K/V of the current block's local sequence for one token-decoder layer: `[B, H_kv, S, head_dim]`.
+
+    Slot `j` holds local position `j` (prefix `0..k-1`, then the block's tokens). Row `b` has `k + m_b` valid slots
+    (`m_b` pending tokens); later slots are stale and masked by the caller.
+    """
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        write_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill (`positions is None`): store the `S` slots. Step: write query slot `s` of row `b` at local position
+        `positions[b, s]` wherever `write_mask[b, s]`; returns the full `[B, H_kv, S, head_dim]` buffers."""
+        if positions is None:
+            self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states, value_states
+            return key_states, value_states
+        rows, slots = write_mask.nonzero(as_tuple=True)
+        # keys[rows, :, local] is [n, H_kv, head_dim]; key_states[rows, :, slots] likewise
+        self.keys[rows, :, positions[rows, slots]] = key_states[rows, :, slots]
+        self.values[rows, :, positions[rows, slots]] = value_states[rows, :, slots]
+        return self.keys, self.values
+
+
+class BlockTransformerCache(Cache):
+    """Generation state of a Block Transformer.
+
+    - `layers[:num_block_decoder_layers]`: block-decoder K/V over completed blocks (`BlockTransformerBlockCacheLayer`).
+    - `layers[num_block_decoder_layers:]`: token-decoder K/V of the current block, at most
+      `num_prefix_tokens + block_length - 1` positions (`BlockTransformerLocalCacheLayer`).
+    - `pending_tokens` `[B, block_length - 1]`: ids of the unfinished block (the first `num_tokens % block_length`
+      are valid); they are embedded into a block vector once the block is complete.
+    - `num_tokens` `[B]`: real tokens per row (left padding excluded); `get_seq_length()` is the number of input
+      columns processed (left padding included), which is what `generate()` slices `input_ids` with.
+
+    `generate()` creates it by itself; pass one as `past_key_values` to continue or to inspect it (`memory_bytes()`).
+    `crop` is exact inside the current block and raises across a block boundary (assisted decoding is refused).
+    """
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, config: BlockTransformerConfig) -> None:
+        self.num_block_decoder_layers = config.num_block_decoder_layers
+        self.block_length = config.block_length
+        self.num_prefix_tokens = config.num_prefix_tokens
+        layers = [BlockTransformerBlockCacheLayer() for _ in range(config.num_block_decoder_layers)]
+        layers += [BlockTransformerLocalCacheLayer() for _ in range(config.num_token_decoder_layers)]
+        super().__init__(layers=layers)
+        self.pending_tokens: torch.Tensor | None = None
+        self.num_tokens: torch.Tensor | None = None
+        self._seen_tokens = 0
+
+    @property
+    def block_layers(self) -> list[BlockTransformerBlockCacheLayer]:
+        return self.layers[: self.num_block_decoder_layers]
+
+    @property
+    def local_layers(self) -> list[BlockTransformerLocalCacheLayer]:
+        return self.layers[self.num_block_decoder_layers :]
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.num_tokens is not None
+
+    @property
+    def num_blocks(self) -> torch.Tensor:
+        """Completed blocks per row, `[B]`."""
+        return torch.div(self.num_tokens, self.block_length, rounding_mode="floor")
+
+    @property
+    def num_pending(self) -> torch.Tensor:
+        """Tokens of the unfinished block per row, `[B]`."""
+        return self.num_tokens % self.block_length
+
+    @property
+    def batch_size(self) -> int:
+        return -1 if self.num_tokens is None else self.num_tokens.shape[0]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Input columns processed so far (left padding included)."""
+        return self._seen_tokens
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self._seen_tokens + query_length, 0
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held: `block_decoder_kv`, `token_decoder_kv` (local), `pending_tokens`, `bookkeeping`, `total`."""
+        block_kv = sum(_tensor_bytes(layer.keys, layer.values) for layer in self.block_layers)
+        local_kv = sum(_tensor_bytes(layer.keys, layer.values) for layer in self.local_layers)
+        pending = _tensor_bytes(self.pending_tokens)
+        bookkeeping = _tensor_bytes(self.num_tokens)
+        return {
+            "block_decoder_kv": block_kv,
+            "token_decoder_kv": local_kv,
+            "pending_tokens": pending,
+            "bookkeeping": bookkeeping,
+            "total": block_kv + local_kv + pending + bookkeeping,
+        }
+
+    def _map_batch(self, fn) -> None:
+        for layer in self.layers:
+            layer._map(fn)
+        if self.num_tokens is not None:
+            self.pending_tokens, self.num_tokens = fn(self.pending_tokens), fn(self.num_tokens)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: keep rows `beam_idx`."""
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+
+    def reset(self) -> None:
+        """Forget everything (the next forward is a fresh prefill)."""
+        for layer in self.layers:
+            layer.reset()
+        self.pending_tokens = self.num_tokens = None
+        self._seen_tokens = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last `-tokens_to_remove` tokens (negative, as `DynamicLayer.crop`).
+
+        Exact while every row stays inside its current block (the local K/V slots past the new length are simply
+        masked again); removing a token of an already completed block raises, because the block decoder's state for
+        that block and the previous block's local state are gone.
+        """
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"`crop` takes a negative number of tokens to remove (or 0), got {tokens_to_remove} "
+                "(the legacy 'absolute length' form is not supported)."
+            )
+        remove = -tokens_to_remove
+        if remove == 0 or self.num_tokens is None:
+            return
+        if bool((self.num_pending < remove).any()):
+            raise ValueError(
+                f"BlockTransformerCache can only crop tokens of the current, unfinished block: removing {remove} "
+                f"token(s) would cross a block boundary for some row (pending tokens per row: "
+                f"{self.num_pending.tolist()}). Re-run the prefix instead; assisted decoding is not supported."
+            )
+        self.num_tokens = self.num_tokens - remove
+        self._seen_tokens -= remove
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class BlockTransformerAttention(nn.Module):
+    """Multi-head self-attention with (partial) RoPE and GQA; masks are always explicit additive tensors."""
+
+    def __init__(self, config: BlockTransformerConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor,
+        past_key_values: BlockTransformerCache | None = None,
+        cache_kwargs: dict | None = None,
+    ) -> torch.Tensor:
+        batch, length, _ = hidden_states.shape
+        # [B, T, H * hd] -> [B, H, T, hd]
+        query = self.q_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, cos, sin), apply_rotary_pos_emb(key, cos, sin)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx, **(cache_kwargs or {}))
+        dropout = self.attention_dropout if self.training else 0.0
+        output, _ = attention_forward(self, query, key, value, attention_mask, self.scaling, dropout)
+        return self.o_proj(output.reshape(batch, length, -1))  # [B, T, H, hd] -> [B, T, D]
+
+
+class BlockTransformerDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer layer: RMSNorm + SwiGLU (`layer_style="llama"`) or LayerNorm + GELU MLP (`"gpt_neox"`),
+    sequential or parallel (GPT-NeoX) residual."""
+
+    def __init__(self, config: BlockTransformerConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.use_parallel_residual = config.use_parallel_residual
+        self.self_attn = BlockTransformerAttention(config, layer_idx)
+        if config.layer_style == "gpt_neox":
+            self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+            self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+            self.mlp = DenseMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
+        else:
+            self.input_layernorm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+            self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor,
+        past_key_values: BlockTransformerCache | None = None,
+        cache_kwargs: dict | None = None,
+    ) -> torch.Tensor:
+        attn_output = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values, cache_kwargs
+        )
+        if self.use_parallel_residual:  # x + attn(ln1(x)) + mlp(ln2(x))
+            return hidden_states + attn_output + self.mlp(self.post_attention_layernorm(hidden_states))
+        hidden_states = hidden_states + attn_output
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+def _make_norm(config: BlockTransformerConfig) -> nn.Module:
+    if config.layer_style == "gpt_neox":
+        return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+    return RMSNorm(config.hidden_size, eps=config.norm_eps)
+
+
+class BlockTransformerEmbedder(nn.Module):
+    """Lookup embedder: `L` token embeddings of width `D / L`, concatenated into one block vector."""
+
+    def __init__(self, config: BlockTransformerConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.embedder_hidden_size)
+
+    def forward(self, block_ids: torch.Tensor) -> torch.Tensor:
+        """`[B, n, L]` token ids -> `[B, n, D]` block vectors (token j of a block -> channels `[j*D/L, (j+1)*D/L)`)."""
+        embeds = self.embed_tokens(block_ids)  # [B, n, L, D/L]
+        return embeds.flatten(-2)  # [B, n, D]
+
+
+class BlockTransformerDecoderStack(nn.Module):
+    """Shared body of both decoders: rotary embedding, layers, final norm."""
+
+    def __init__(self, config: BlockTransformerConfig, num_layers: int, first_layer_idx: int) -> None:
+        super().__init__()
+        self.rotary_emb = RotaryEmbedding(config, config.rotary_dim)
+        self.layers = nn.ModuleList(
+            [BlockTransformerDecoderLayer(config, first_layer_idx + i) for i in range(num_layers)]
+        )
+        self.norm = _make_norm(config)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        past_key_values: BlockTransformerCache | None = None,
+        cache_kwargs: dict | None = None,
+    ) -> torch.Tensor:
+        """`[N, T, D]` inputs at rotary `position_ids` (`[N, T]` or `[1, T]`) -> normalised `[N, T, D]`."""
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                cache_kwargs=cache_kwargs,
+            )
+        return self.norm(hidden_states)
+
+
+class BlockTransformerBlockDecoder(BlockTransformerDecoderStack):
+    """Global decoder: causal self-attention over block vectors; cache layers `0 .. num_block_decoder_layers - 1`."""
+
+    def __init__(self, config: BlockTransformerConfig) -> None:
+        super().__init__(config, config.num_block_decoder_layers, first_layer_idx=0)
+
+
+class BlockTransformerContextExpansion(nn.Linear):
+    """`Linear(D, k * D)` from a block context to `k` prefix vectors (prefix j = output channels `[j*D, (j+1)*D)`,
+    the official kernel-1 Conv1d layout); initialised N(0, D^-0.5) with zero bias like the official code."""
+
+    def __init__(self, config: BlockTransformerConfig) -> None:
+        super().__init__(config.hidden_size, config.num_prefix_tokens * config.hidden_size)
+        self.num_prefix_tokens = config.num_prefix_tokens
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        """`[..., D]` block contexts -> `[..., k, D]` prefix vectors."""
+        return super().forward(context).unflatten(-1, (self.num_prefix_tokens, -1))
+
+
+class BlockTransformerTokenDecoder(BlockTransformerDecoderStack):
+    """Local decoder: `[prefix vectors, tokens of the current block]`; owns the token embedding and the expansion."""
+
+    def __init__(self, config: BlockTransformerConfig) -> None:
+        super().__init__(config, config.num_token_decoder_layers, first_layer_idx=config.num_block_decoder_layers)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.context_to_prefix = BlockTransformerContextExpansion(config)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class BlockTransformerPreTrainedModel(PreTrainedModel):
+    config_class = BlockTransformerConfig
+    config: BlockTransformerConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["BlockTransformerDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False  # masks are explicit (ragged caches, local windows)
+    _supports_flex_attn = False
+    _can_compile_fullgraph = False
+    # The cache cannot be rolled back across block boundaries: refuse assisted / prompt-lookup decoding.
+    _is_stateful = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, BlockTransformerModel):
+            normal_(module.start_context, mean=0.0, std=1.0)  # the scale of normalised block-decoder outputs
+        elif isinstance(module, BlockTransformerContextExpansion):
+            normal_(module.weight, mean=0.0, std=self.config.hidden_size**-0.5)
+            zeros_(module.bias)
+        elif isinstance(module, RotaryEmbedding):
+            inv_freq = module.reset_inv_freq()
+            copy_(module.inv_freq, inv_freq)
+            copy_(module.original_inv_freq, inv_freq)
+        elif isinstance(module, nn.Linear):
+            normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                zeros_(module.bias)
+        else:
+            super()._init_weights(module)
+
+
+class BlockTransformerModel(BlockTransformerPreTrainedModel):
+    """Embedder + block decoder + token decoder. Returns, for every position `t`, the token decoder's final hidden
+    state that predicts token `t + 1` (`last_hidden_state`, `[B, T, D]`)."""
+
+    def __init__(self, config: BlockTransformerConfig) -> None:
+        super().__init__(config)
+        self.embedder = BlockTransformerEmbedder(config)
+        self.block_decoder = BlockTransformerBlockDecoder(config)
+        self.token_decoder = BlockTransformerTokenDecoder(config)
+        # Context of block 0 (which has no previous block); see the module docstring.
+        self.start_context = nn.Parameter(torch.zeros(config.hidden_size))
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.token_decoder.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.token_decoder.embed_tokens = value
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: BlockTransformerCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """`position_ids` are ignored (see the module docstring). `logits_to_keep` selects the returned positions
+        like in `...ForCausalLM.forward`; `logits_to_keep=1` only runs the token decoder on each row's last block."""
+        if inputs_embeds is not None or input_ids is None:
+            raise ValueError(
+                "BlockTransformerModel needs `input_ids` (and does not accept `inputs_embeds`): the embedder and the "
+                "token decoder embed the same ids with two different tables."
+            )
+        if past_key_values is not None and not isinstance(past_key_values, BlockTransformerCache):
+            raise ValueError(
+                f"`past_key_values` must be a BlockTransformerCache, got {type(past_key_values).__name__}."
+            )
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and past_key_values is None:
+            past_key_values = BlockTransformerCache(self.config)
+
+        if past_key_values is not None and past_key_values.is_initialized:
+            hidden_states = self._decode(input_ids, past_key_values)
+            hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)
+        else:
+            hidden_states = self._prefill(input_ids, attention_mask, past_key_values, logits_to_keep)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+    # -- full sequence (training, scoring, prefill) -------------------------------------------------------------------
+
+    @staticmethod
+    def _left_padding(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
+        """Number of leading pad positions per row, `[B]`; checks the mask is `0..0 1..1 0..0` per row."""
+        if attention_mask is None:
+            return torch.zeros(batch, dtype=torch.long, device=device)
+        if attention_mask.dim() != 2 or attention_mask.shape != (batch, length):
+            raise ValueError(
+                f"`attention_mask` must be a 2D [batch, seq_len] = [{batch}, {length}] padding mask, got shape "
+                f"{tuple(attention_mask.shape)}."
+            )
+        mask = attention_mask.bool()
+        real = mask.long().sum(-1)
+        first = torch.where(mask.any(-1), mask.long().argmax(-1), torch.zeros_like(real))
+        positions = torch.arange(length, device=device)
+        span = (positions[None] >= first[:, None]) & (positions[None] < (first + real)[:, None])
+        if not bool(torch.equal(span, mask)):
+            raise ValueError(
+                "BlockTransformer supports left and right padding only (`attention_mask` rows of the form 0..0 1..1 "
+                "0..0); masks with holes (packed sequences) are not supported."
+            )
+        return first
+
+    def _prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: BlockTransformerCache | None,
+        logits_to_keep: int | torch.Tensor,
+    ) -> torch.Tensor:
+        config = self.config
+        L, k, S = config.block_length, config.num_prefix_tokens, config.token_decoder_length
+        batch, length = input_ids.shape
+        device = input_ids.device
+        dtype = self.start_context.dtype
+        num_pads = self._left_padding(attention_mask, batch, length, device)  # [B]
+        num_tokens = length - num_pads  # tokens from each row's first real token on
+
+        # 1. Rotate every row left by its padding, so blocks start at the first real token: [B, T]
+        positions = torch.arange(length, device=device)
+        aligned_ids = input_ids.gather(1, (positions[None] + num_pads[:, None]) % length)
+
+        # 2. Block decoder over the complete blocks (ragged per row; later blocks only see earlier ones)
+        num_full = length // L
+        block_ids = aligned_ids[:, : num_full * L].reshape(batch, num_full, L)  # [B, n, L]
+        block_embeds = self.embedder(block_ids)  # [B, n, D]
+        if num_full > 0:
+            block_positions = torch.arange(num_full, device=device)[None]  # [1, n]
+            block_states = self.block_decoder(
+                block_embeds, block_positions, _causal_mask(num_full, dtype, device), past_key_values=cache
+            )  # [B, n, D]
+        else:  # prompt shorter than one block: only the start context
+            block_states = block_embeds
+        start = self.start_context.to(block_states.dtype).expand(batch, 1, -1)
+        contexts = torch.cat([start, block_states], dim=1)  # [B, n + 1, D]: contexts[:, i] is block i's context
+
+        # 3. Token decoder on each row's current block: next-token state, plus the local cache
+        last_only = isinstance(logits_to_keep, int) and logits_to_keep == 1
+        if cache is not None or last_only:
+            current_block = torch.div(num_tokens, L, rounding_mode="floor")  # [B]
+            num_pending = num_tokens % L
+            rows = torch.arange(batch, device=device)
+            padded_ids = nn.functional.pad(aligned_ids, (0, L))
+            token_index = current_block[:, None] * L + torch.arange(L - 1, device=device)[None]  # [B, L-1]
+            pending_ids = padded_ids.gather(1, token_index)  # [B, L-1]
+            prefix = self.token_decoder.context_to_prefix(contexts[rows, current_block])  # [B, k, D]
+            local_inputs = torch.cat([prefix, self.token_decoder.embed_tokens(pending_ids)], dim=1)  # [B, S, D]
+            local_states = self.token_decoder(
+                local_inputs,
+                torch.arange(S, device=device)[None],
+                _causal_mask(S, dtype, device),
+                past_key_values=cache,
+            )  # [B, S, D]
+            last_state = local_states[rows, k - 1 + num_pending][:, None]  # [B, 1, D]
+            if cache is not None:
+                cache.pending_tokens = pending_ids
+                cache.num_tokens = num_tokens
+                cache._seen_tokens = length
+            if last_only:
+                return last_state
+
+        # 4. Token decoder on every block i = 0..n: [prefix(context_i), x_{iL} .. x_{iL+L-2}]
+        num_local = num_full + 1
+        padded_ids = nn.functional.pad(aligned_ids, (0, num_local * L - length))
+        local_ids = padded_ids.view(batch, num_local, L)[:, :, : L - 1]  # [B, n+1, L-1] (last token: never an input)
+        prefix = self.token_decoder.context_to_prefix(contexts)  # [B, n+1, k, D]
+        local_inputs = torch.cat([prefix, self.token_decoder.embed_tokens(local_ids)], dim=2)  # [B, n+1, S, D]
+        local_states = self.token_decoder(
+            local_inputs.flatten(0, 1), torch.arange(S, device=device)[None], _causal_mask(S, dtype, device)
+        )  # [B * (n+1), S, D]
+        # Output at k-1+o predicts token o of its block: [B, n+1, L, D] -> flat index = token index
+        token_states = local_states.view(batch, num_local, S, -1)[:, :, k - 1 :].flatten(1, 2)
+        hidden_states = token_states[:, 1 : length + 1]  # [B, T, D]: position t predicts token t + 1
+        # Rotate back to the caller's (padded) layout
+        hidden_states = hidden_states.gather(
+            1, ((positions[None] - num_pads[:, None]) % length)[..., None].expand(-1, -1, hidden_states.shape[-1])
+        )
+        return slice_logits_to_keep(hidden_states, logits_to_keep)
+
+    # -- incremental decoding ----------------------------------------------------------------------------------------
+
+    def _decode(self, input_ids: torch.Tensor, cache: BlockTransformerCache) -> torch.Tensor:
+        """Feed new tokens one by one through the cache (exactly the training computation); `[B, T, D]` states."""
+        if input_ids.shape[0] != cache.batch_size:
+            raise ValueError(
+                f"Batch size {input_ids.shape[0]} does not match the cache's {cache.batch_size} (expand the inputs "
+                "before building the cache, or use `cache.batch_repeat_interleave`)."
+            )
+        states = [self._decode_step(input_ids[:, i], cache) for i in range(input_ids.shape[1])]
+        return torch.stack(states, dim=1)
+
+    def _decode_step(self, new_ids: torch.Tensor, cache: BlockTransformerCache) -> torch.Tensor:
+        """One token per row, `[B]` -> `[B, D]` (the state predicting the following token)."""
+        config = self.config
+        L, k, S = config.block_length, config.num_prefix_tokens, config.token_decoder_length
+        batch, device, dtype = new_ids.shape[0], new_ids.device, self.start_context.dtype
+        num_pending = cache.num_pending  # [B], before this token
+        completes = num_pending == L - 1  # this token ends its row's block
+        done = completes.nonzero(as_tuple=True)[0]  # [r]
+
+        # 1. Rows whose block is now complete: one block-decoder step, new prefix vectors
+        prefix = None
+        if done.numel() > 0:
+            block_ids = torch.cat([cache.pending_tokens[done], new_ids[done, None]], dim=1)  # [r, L]
+            block_embeds = self.embedder(block_ids[:, None])  # [r, 1, D]
+            block_positions = cache.num_blocks[done]  # [r]: index of the block being added
+            num_keys = int(block_positions.max()) + 1
+            allowed = torch.arange(num_keys, device=device)[None] <= block_positions[:, None]  # [r, num_keys]
+            block_states = self.block_decoder(
+                block_embeds,
+                block_positions[:, None],
+                _additive_mask(allowed, dtype)[:, None, None],  # [r, 1, 1, num_keys]
+                past_key_values=cache,
+                cache_kwargs={"rows": done, "positions": block_positions, "batch_size": batch},
+            )  # [r, 1, D]
+            prefix = self.token_decoder.context_to_prefix(block_states[:, 0])  # [r, k, D]
+
+        # 2. Token decoder: q query slots per row. Completing rows: the k fresh prefix vectors at local positions
+        #    0..k-1 (their old local state is discarded). Other rows: the new token in the last slot at local
+        #    position k + num_pending (the other slots are unused fillers: not written, outputs ignored).
+        num_slots = k if prefix is not None else 1
+        slot_ids = torch.arange(num_slots, device=device)
+        inputs = self.token_decoder.embed_tokens(new_ids)[:, None].expand(-1, num_slots, -1).clone()  # [B, q, D]
+        local_positions = torch.where(slot_ids[None] == num_slots - 1, (k + num_pending)[:, None], 0)  # [B, q]
+        write_mask = (slot_ids[None] == num_slots - 1).expand(batch, -1).clone()  # [B, q]
+        if prefix is not None:
+            inputs[done] = prefix.to(inputs.dtype)
+            local_positions[done] = slot_ids
+            write_mask[done] = True
+        allowed = torch.arange(S, device=device)[None, None] <= local_positions[..., None]  # [B, q, S]
+        local_states = self.token_decoder(
+            inputs,
+            local_positions,
+            _additive_mask(allowed, dtype)[:, None],  # [B, 1, q, S]
+            past_key_values=cache,
+            cache_kwargs={"positions": local_positions, "write_mask": write_mask},
+        )  # [B, q, D]
+
+        # 3. Bookkeeping: pending ids of unfinished blocks, token counts
+        if L > 1:
+            keep = ~completes
+            cache.pending_tokens[keep, num_pending[keep]] = new_ids[keep]
+        cache.num_tokens = cache.num_tokens + 1
+        cache._seen_tokens += 1
+        return local_states[:, -1]
+
+
+class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMixin):
+    """Block Transformer with an LM head on the token decoder; `logits[:, t]` predicts token `t + 1`."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.token_decoder.embed_tokens.weight"}
+
+    def __init__(self, config: BlockTransformerConfig) -> None:
+        super().__init__(config)
+        self.model = BlockTransformerModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.set_input_embeddings(value)
+
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
+    ) -> None:
+        """`generate()` hook: build a `BlockTransformerCache` (the default `DynamicCache` cannot hold block state)."""
+        user_cache = model_kwargs.get("past_key_values")
+        if user_cache is not None:
+            if not isinstance(user_cache, BlockTransformerCache):
+                raise ValueError(
+                    "BlockTransformerForCausalLM needs a BlockTransformerCache as `past_key_values`, got "
+                    f"{type(user_cache).__name__}."
+                )
+            user_cache._is_user_defined = True
+            return
+        if generation_config.use_cache is False:
+            return
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            raise ValueError(
+                "BlockTransformerForCausalLM only supports its own dynamic BlockTransformerCache; got "
+                f"`cache_implementation={generation_config.cache_implementation!r}`."
+            )
+        model_kwargs["past_key_values"] = BlockTransformerCache(self.config)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: BlockTransformerCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Causal-LM forward. `labels` are the input ids (-100 = ignored); the loss is the usual shifted
+        cross-entropy (`self.loss_function`, which honours Trainer's `num_items_in_batch`)."""
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+
+__all__ = [
+    "BlockTransformerCache",
+    "BlockTransformerForCausalLM",
+    "BlockTransformerModel",
+    "BlockTransformerPreTrainedModel",
+]
