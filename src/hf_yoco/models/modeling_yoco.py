@@ -26,7 +26,6 @@ from transformers.generation import GenerationMixin
 from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS,
     causal_mask_function,
-    create_recurrent_attention_mask,
     create_sliding_window_causal_mask,
 )
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -550,7 +549,11 @@ class YocoModel(YocoPreTrainedModel):
                 past_key_values=cache,
                 position_ids=position_ids,
             )
-        return create_recurrent_attention_mask(self.config, inputs_embeds, attention_mask, cache)
+        # 2D padding mask of the current tokens. (Not `create_recurrent_attention_mask`: it drops the mask for
+        # single-token inputs, but a 1-token prefill chunk can be padding.)
+        if attention_mask is None or attention_mask.ndim != 2 or bool(attention_mask.all()):
+            return None
+        return attention_mask[:, -inputs_embeds.shape[1] :]
 
     def _cross_attention_mask(
         self,

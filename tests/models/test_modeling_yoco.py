@@ -1,0 +1,529 @@
+"""YOCO model tests: parity (cached vs uncached, chunked vs one-shot, padded vs unpadded), generate() modes, save/load.
+
+Tolerances: fp32 everywhere; logits compared with atol 1e-5 (observed differences are ~1e-7).
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM, TextStreamer
+from transformers.cache_utils import LinearAttentionLayer
+
+from hf_yoco import YocoCache, YocoConfig, YocoForCausalLM, YocoModel
+from hf_yoco.models.modeling_common import RotaryEmbedding, apply_rotary_pos_emb
+from hf_yoco.models.modeling_yoco import (
+    chunk_gated_retention,
+    parallel_gated_retention,
+    recurrent_gated_retention,
+)
+
+ATOL = 1e-5
+SELF_DECODERS = ["gated_retention", "sliding_window"]
+WINDOW = 5
+
+
+def tiny_config(self_decoder_type: str, **overrides) -> YocoConfig:
+    kwargs = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        self_decoder_type=self_decoder_type,
+        retention_chunk_size=4,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    if self_decoder_type == "sliding_window":
+        kwargs["sliding_window"] = WINDOW
+    kwargs.update(overrides)
+    return YocoConfig(**kwargs)
+
+
+def tiny_model(self_decoder_type: str, **overrides) -> YocoForCausalLM:
+    torch.manual_seed(0)
+    return YocoForCausalLM(tiny_config(self_decoder_type, **overrides)).eval()
+
+
+def greedy(model, input_ids, **kwargs):
+    kwargs.setdefault("max_new_tokens", 6)
+    return model.generate(input_ids, do_sample=False, disable_compile=True, **kwargs)
+
+
+@pytest.fixture(params=SELF_DECODERS)
+def self_decoder_type(request):
+    return request.param
+
+
+# ---------------------------------------------------------------------------------------------- gated retention forms
+
+
+def _retention_inputs(batch=2, length=11, heads=3, key_dim=4, value_dim=5):
+    q = torch.randn(batch, length, heads, key_dim)
+    k = torch.randn(batch, length, heads, key_dim) * key_dim**-0.5
+    v = torch.randn(batch, length, heads, value_dim)
+    g = torch.nn.functional.logsigmoid(torch.randn(batch, length, heads)) / 4
+    state = torch.randn(batch, heads, key_dim, value_dim)
+    return q, k, v, g, state
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, 11, 16])
+def test_gated_retention_forms_agree(chunk_size):
+    q, k, v, g, state = _retention_inputs()
+    for initial_state in (None, state):
+        ref, ref_state = recurrent_gated_retention(q, k, v, g, initial_state, output_final_state=True)
+        par, par_state = parallel_gated_retention(q, k, v, g, initial_state, output_final_state=True)
+        chk, chk_state = chunk_gated_retention(q, k, v, g, chunk_size, initial_state, output_final_state=True)
+        torch.testing.assert_close(par, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(chk, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(par_state, ref_state, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(chk_state, ref_state, atol=1e-5, rtol=1e-5)
+
+
+def test_gated_retention_matches_explicit_formula():
+    """o_t = sum_{s<=t} prod_{i=s+1..t} gamma_i (q_t . k_s) v_s (paper Eq. 5; the key's own decay is not applied)."""
+    q, k, v, g, _ = _retention_inputs(batch=1, length=6, heads=1)
+    out, _ = chunk_gated_retention(q, k, v, g, chunk_size=4)
+    gamma = g[0, :, 0].exp()
+    for t in range(6):
+        expected = sum(
+            math.prod(gamma[s + 1 : t + 1].tolist()) * (q[0, t, 0] @ k[0, s, 0]) * v[0, s, 0] for s in range(t + 1)
+        )
+        torch.testing.assert_close(out[0, t, 0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_gated_retention_chunked_state_carry():
+    q, k, v, g, _ = _retention_inputs(length=13)
+    full, full_state = chunk_gated_retention(q, k, v, g, 4, output_final_state=True)
+    first, state = chunk_gated_retention(q[:, :6], k[:, :6], v[:, :6], g[:, :6], 4, output_final_state=True)
+    second, state = chunk_gated_retention(q[:, 6:], k[:, 6:], v[:, 6:], g[:, 6:], 4, state, output_final_state=True)
+    torch.testing.assert_close(torch.cat([first, second], 1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state, full_state, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- forward parity
+
+
+def _incremental_logits(model, input_ids, prefill: int, cache=None):
+    out = model(input_ids[:, :prefill], past_key_values=cache, use_cache=True)
+    cache, logits = out.past_key_values, [out.logits]
+    for t in range(prefill, input_ids.shape[1]):
+        out = model(input_ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1), cache
+
+
+def test_full_forward_equals_prefill_plus_decode(self_decoder_type):
+    model = tiny_model(self_decoder_type)
+    input_ids = torch.randint(1, 64, (2, 17))  # longer than the window (5) and several retention chunks (4)
+    full = model(input_ids, use_cache=False).logits
+    for prefill in (1, 3, 9):
+        incremental, cache = _incremental_logits(model, input_ids, prefill)
+        assert isinstance(cache, YocoCache)
+        torch.testing.assert_close(incremental, full, atol=ATOL, rtol=0)
+
+
+def test_plain_dynamic_and_static_caches_work(self_decoder_type):
+    """`DynamicCache(config=...)` built by transformers from layer_types/kv_sharing_modes drives the model too."""
+    model = tiny_model(self_decoder_type)
+    input_ids = torch.randint(1, 64, (2, 12))
+    full = model(input_ids, use_cache=False).logits
+    incremental, _ = _incremental_logits(model, input_ids, 4, cache=DynamicCache(config=model.config))
+    torch.testing.assert_close(incremental, full, atol=ATOL, rtol=0)
+    reference = greedy(model, input_ids)
+    assert torch.equal(greedy(model, input_ids, cache_implementation="static"), reference)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7])
+def test_chunked_prefill_equals_one_shot(self_decoder_type, chunk):
+    model = tiny_model(self_decoder_type)
+    chunked = tiny_model(self_decoder_type, self_decoder_chunk_size=chunk)
+    input_ids = torch.randint(1, 64, (2, 19))
+    mask = torch.ones_like(input_ids)
+    mask[0, :5] = 0  # left padding goes through the chunks too
+    for kwargs in (dict(use_cache=False), dict(use_cache=True), dict(attention_mask=mask, use_cache=True)):
+        one_shot = model(input_ids, **kwargs)
+        in_chunks = chunked(input_ids, **kwargs)
+        torch.testing.assert_close(in_chunks.logits, one_shot.logits, atol=ATOL, rtol=0)
+    # The cache left behind continues identically.
+    cache_a, cache_b = one_shot.past_key_values, in_chunks.past_key_values
+    next_ids = torch.randint(1, 64, (2, 1))
+    mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+    a = model(next_ids, attention_mask=mask, past_key_values=cache_a).logits
+    b = chunked(next_ids, attention_mask=mask, past_key_values=cache_b).logits
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+def test_logits_to_keep_runs_cross_decoder_on_kept_positions(self_decoder_type):
+    model = tiny_model(self_decoder_type)
+    input_ids = torch.randint(1, 64, (2, 10))
+    full = model(input_ids).logits
+    seen = []
+    hook = model.model.layers[-1].register_forward_hook(lambda mod, args, out: seen.append(out.shape[1]))
+    try:
+        for keep in (1, 3):
+            logits = model(input_ids, logits_to_keep=keep).logits
+            torch.testing.assert_close(logits, full[:, -keep:], atol=ATOL, rtol=0)
+        model(input_ids, logits_to_keep=0)
+        model(input_ids, labels=input_ids)  # labels need every position
+        model(input_ids, logits_to_keep=1, output_hidden_states=True)
+    finally:
+        hook.remove()
+    assert seen == [1, 3, 10, 10, 10]
+    index_logits = model(input_ids, logits_to_keep=torch.tensor([2, 5])).logits
+    torch.testing.assert_close(index_logits, full[:, [2, 5]], atol=ATOL, rtol=0)
+
+
+def _left_pad(rows, pad_id=0):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def test_left_padded_batch_equals_rows_alone(self_decoder_type):
+    model = tiny_model(self_decoder_type)
+    rows = [torch.randint(1, 64, (n,)) for n in (4, 13, 9)]
+    ids, mask = _left_pad(rows)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    batch_logits = model(ids, attention_mask=mask, position_ids=position_ids).logits
+    for i, row in enumerate(rows):
+        alone = model(row[None]).logits[0]
+        torch.testing.assert_close(batch_logits[i, -len(row) :], alone, atol=ATOL, rtol=0)
+    batch_generated = greedy(model, ids, attention_mask=mask)[:, ids.shape[1] :]
+    for i, row in enumerate(rows):
+        assert torch.equal(batch_generated[i], greedy(model, row[None])[0, len(row) :])
+
+
+def test_left_padding_never_reaches_the_retention_state():
+    model = tiny_model("gated_retention")
+    row = torch.randint(1, 64, (6,))
+    ids, mask = _left_pad([row, torch.randint(1, 64, (10,))])
+    ids[0, :4] = torch.randint(1, 64, (4,))  # junk under the padding mask
+    cache = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).past_key_values
+    alone = model(row[None]).past_key_values
+    for layer_idx in range(2):
+        torch.testing.assert_close(
+            cache.layers[layer_idx].recurrent_states[0][0],
+            alone.layers[layer_idx].recurrent_states[0][0],
+            atol=ATOL,
+            rtol=0,
+        )
+
+
+# ---------------------------------------------------------------------------------------------- YOCO semantics
+
+
+def test_sliding_window_semantics():
+    """Each SWA layer sees W keys, the current one included: a token at distance >= W does not reach a layer's
+    output, one at distance W-1 does; the self-decoder's receptive field is (W-1) * L/2 + 1 tokens."""
+    model = tiny_model("sliding_window")
+    input_ids = torch.randint(1, 64, (1, 16))
+    last = input_ids.shape[1] - 1
+
+    def hidden(ids, layer):  # output of self-decoder layer `layer` (hidden_states[0] are the embeddings)
+        return model.model(ids, output_hidden_states=True, use_cache=False).hidden_states[layer + 1][0, last]
+
+    def change(distance):
+        ids = input_ids.clone()
+        ids[0, last - distance] = ids[0, last - distance] % 63 + 1
+        return ids
+
+    torch.testing.assert_close(hidden(change(WINDOW), 0), hidden(input_ids, 0), atol=0, rtol=0)
+    assert (hidden(change(WINDOW - 1), 0) - hidden(input_ids, 0)).abs().max() > 1e-4
+    receptive_field = (WINDOW - 1) * 2 + 1
+    torch.testing.assert_close(hidden(change(receptive_field), 1), hidden(input_ids, 1), atol=0, rtol=0)
+    assert (hidden(change(receptive_field - 1), 1) - hidden(input_ids, 1)).abs().max() > 1e-4
+    # ... while the global K/V carries any earlier token to the final logits.
+    far = change(last)
+    assert (model(far).logits[0, last] - model(input_ids).logits[0, last]).abs().max() > 1e-4
+
+
+def test_token_before_the_window_changes_final_logits_through_the_global_kv(self_decoder_type):
+    model = tiny_model(self_decoder_type)
+    input_ids = torch.randint(1, 64, (1, 16))
+    changed = input_ids.clone()
+    changed[0, 0] = (changed[0, 0] + 1) % 63 + 1
+    # Break the self-decoder path entirely: only the global K/V can carry token 0 to the last position.
+    if self_decoder_type == "gated_retention":
+        for layer in model.model.layers[:2]:
+            torch.nn.init.constant_(layer.self_attn.gt_proj.weight, 0.0)
+            layer.self_attn.gate_logit_normalizer = 1e-3  # decay ~ 0: the state forgets everything at once
+    logits, changed_logits = model(input_ids).logits[0, -1], model(changed).logits[0, -1]
+    assert (logits - changed_logits).abs().max() > 1e-4
+
+
+def test_cache_memory_global_kv_grows_self_decoder_state_constant(self_decoder_type):
+    model = tiny_model(self_decoder_type)
+    config = model.config
+    cache = model(torch.randint(1, 64, (2, 8))).past_key_values
+    sizes = [cache.memory_bytes()]
+    for _ in range(6):
+        cache = model(torch.randint(1, 64, (2, 1)), past_key_values=cache).past_key_values
+        sizes.append(cache.memory_bytes())
+    row = 2 * 2 * config.num_key_value_heads * config.head_dim * 4  # K and V, batch 2, fp32
+    assert [b["global_kv"] for b in sizes] == [(8 + i) * row for i in range(7)]
+    assert len({b["self_decoder"] for b in sizes}) == 1  # constant-size windows / recurrent states
+    if self_decoder_type == "sliding_window":
+        assert sizes[0]["self_decoder"] == 2 * 2 * 2 * (WINDOW - 1) * config.num_key_value_heads * config.head_dim * 4
+    else:
+        heads, dim = config.num_attention_heads, config.retention_head_dim
+        assert sizes[0]["self_decoder"] == 2 * 2 * heads * dim * dim * 4
+    assert sizes[0]["total"] == sizes[0]["global_kv"] + sizes[0]["self_decoder"]
+
+
+@torch.no_grad()
+def test_cache_batch_methods(self_decoder_type):
+    model = tiny_model(self_decoder_type)
+    input_ids = torch.randint(1, 64, (2, 9))
+    cache = model(input_ids).past_key_values
+    repeated = copy.deepcopy(cache)
+    repeated.batch_repeat_interleave(2)
+    assert repeated.global_key_values[0].shape[0] == 4
+    selected = copy.deepcopy(repeated)
+    selected.batch_select_indices(torch.tensor([1, 2]))
+    reordered = copy.deepcopy(cache)
+    reordered.reorder_cache(torch.tensor([1, 0]))
+    step = torch.randint(1, 64, (2, 1))
+    base = model(step, past_key_values=copy.deepcopy(cache)).logits
+    torch.testing.assert_close(model(step.repeat_interleave(2, 0), past_key_values=repeated).logits[::2], base)
+    torch.testing.assert_close(model(step[[0, 1]], past_key_values=selected).logits, base)  # rows 1,2 = seq 0,1
+    torch.testing.assert_close(model(step.flip(0), past_key_values=reordered).logits, base.flip(0))
+    cache.reset()
+    assert cache.get_seq_length() == 0
+
+
+def test_cache_crop_exact_for_swa_refused_for_retention():
+    model = tiny_model("sliding_window")
+    input_ids = torch.randint(1, 64, (1, 12))
+    cache = YocoCache(config=model.config)
+    cache.activate_past_recording()
+    model(input_ids, past_key_values=cache)
+    cache.crop(-3)
+    assert cache.get_seq_length() == 9
+    torch.testing.assert_close(
+        model(input_ids[:, 9:], past_key_values=cache).logits, model(input_ids).logits[:, 9:], atol=ATOL, rtol=0
+    )
+    retention = tiny_model("gated_retention")
+    cache = retention(input_ids).past_key_values
+    with pytest.raises(ValueError, match="gated_retention"):
+        cache.crop(-1)
+
+
+# ---------------------------------------------------------------------------------------------- generate()
+
+
+def test_generate_cache_equals_no_cache(self_decoder_type):
+    model = tiny_model(self_decoder_type)
+    input_ids = torch.randint(1, 64, (2, 11))
+    assert torch.equal(greedy(model, input_ids), greedy(model, input_ids, use_cache=False))
+    beam = dict(num_beams=3, num_return_sequences=2, max_new_tokens=5)
+    with_cache = greedy(model, input_ids, **beam)
+    assert with_cache.shape == (4, 16)
+    assert torch.equal(with_cache, greedy(model, input_ids, use_cache=False, **beam))
+
+
+def test_generate_builds_yoco_cache_and_accepts_a_user_cache(self_decoder_type):
+    model = tiny_model(self_decoder_type)
+    input_ids = torch.randint(1, 64, (1, 7))
+    out = greedy(model, input_ids, return_dict_in_generate=True)
+    assert isinstance(out.past_key_values, YocoCache)
+    user_cache = YocoCache(config=model.config)
+    again = greedy(model, input_ids, past_key_values=user_cache, return_dict_in_generate=True)
+    assert again.past_key_values is user_cache and torch.equal(again.sequences, out.sequences)
+    assert user_cache.get_seq_length() == 7 + 6 - 1
+
+
+def test_generate_sampling_inputs_embeds_and_continuation(self_decoder_type):
+    model = tiny_model(self_decoder_type)
+    input_ids = torch.randint(1, 64, (2, 10))
+    sampled = model.generate(
+        input_ids, do_sample=True, temperature=0.8, top_k=10, top_p=0.9, max_new_tokens=4, num_return_sequences=3
+    )
+    assert sampled.shape == (6, 14)
+    reference = greedy(model, input_ids, max_new_tokens=4)
+    embeds = model.get_input_embeddings()(input_ids)
+    assert torch.equal(greedy(model, None, inputs_embeds=embeds, max_new_tokens=4), reference[:, 10:])
+    first = greedy(model, input_ids, max_new_tokens=3, return_dict_in_generate=True)
+    continued = greedy(
+        model,
+        first.sequences,
+        attention_mask=torch.ones_like(first.sequences),
+        past_key_values=first.past_key_values,
+        max_new_tokens=1,
+    )
+    assert torch.equal(continued, reference)
+
+
+def char_tokenizer():
+    """A 64-token character tokenizer (offline): <pad> <s> </s> a-z A-Z 0-8."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = string.ascii_lowercase + string.ascii_uppercase + string.digits[:9]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def test_generate_stops_on_eos_and_stop_strings_and_streams(self_decoder_type, capsys):
+    tokenizer = char_tokenizer()
+    model = tiny_model(self_decoder_type)
+    input_ids = torch.randint(4, 64, (1, 6))
+    free = greedy(model, input_ids, max_new_tokens=8)[0, 6:].tolist()
+    stop_token = free[2]
+    expected = free[: free.index(stop_token) + 1]
+    assert greedy(model, input_ids, max_new_tokens=8, eos_token_id=stop_token)[0, 6:].tolist() == expected
+    stop_string = tokenizer.decode([stop_token])
+    by_string = greedy(model, input_ids, max_new_tokens=8, stop_strings=[stop_string], tokenizer=tokenizer)
+    assert by_string[0, 6:].tolist() == expected
+    greedy(model, input_ids, max_new_tokens=3, streamer=TextStreamer(tokenizer))
+    assert tokenizer.decode(free[:3]) in capsys.readouterr().out
+
+    from transformers import pipeline
+
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    text = generator("abcXyz", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert text.startswith("abcXyz") and len(text) == 10
+
+
+def test_assisted_decoding_exact_for_swa_refused_for_retention():
+    model = tiny_model("sliding_window")
+    input_ids = torch.randint(1, 64, (1, 9))
+    reference = greedy(model, input_ids, max_new_tokens=8)
+    assert torch.equal(greedy(model, input_ids, max_new_tokens=8, assistant_model=model), reference)
+    assert torch.equal(greedy(model, input_ids, max_new_tokens=8, prompt_lookup_num_tokens=2), reference)
+    retention = tiny_model("gated_retention")
+    with pytest.raises(ValueError, match="stateful"):
+        greedy(retention, input_ids, prompt_lookup_num_tokens=2)
+
+
+# ---------------------------------------------------------------------------------------------- training contract
+
+
+def test_loss_matches_manual_cross_entropy_and_num_items_in_batch(self_decoder_type):
+    model = tiny_model(self_decoder_type)
+    input_ids = torch.randint(1, 64, (2, 9))
+    labels = input_ids.clone()
+    labels[0, :3] = -100
+    out = model(input_ids, labels=labels)
+    logits = out.logits[:, :-1].reshape(-1, 64)
+    targets = labels[:, 1:].reshape(-1)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100))
+    summed = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(model(input_ids, labels=labels, num_items_in_batch=torch.tensor(40)).loss, summed / 40)
+
+
+def test_gradient_checkpointing_same_loss_and_gradients(self_decoder_type):
+    model = tiny_model(self_decoder_type).train()
+    input_ids = torch.randint(1, 64, (2, 13))
+    loss = model(input_ids, labels=input_ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    loss_gc = model(input_ids, labels=input_ids).loss
+    loss_gc.backward()
+    torch.testing.assert_close(loss_gc, loss)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, grads[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if "embed" in n or "global_kv" in n)
+
+
+def test_save_and_auto_reload_identical(tmp_path, self_decoder_type):
+    model = tiny_model(self_decoder_type, tie_word_embeddings=True)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is YocoForCausalLM
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+    input_ids = torch.randint(1, 64, (2, 11))
+    torch.testing.assert_close(reloaded(input_ids).logits, model(input_ids).logits, atol=0, rtol=0)
+    assert type(AutoModel.from_pretrained(tmp_path)) is YocoModel
+
+
+def test_meta_device_init_equals_normal_init(self_decoder_type):
+    config = tiny_config(self_decoder_type)
+    model = YocoForCausalLM.from_pretrained(None, config=copy.deepcopy(config), state_dict={})
+    on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    assert not on_meta
+    with torch.device("meta"):
+        meta_model = YocoForCausalLM(copy.deepcopy(config))
+    meta_model.to_empty(device="cpu")
+    meta_model.init_weights()
+    reference = YocoForCausalLM(copy.deepcopy(config))
+    for (name, a), (_, b) in zip(sorted(reference.named_buffers()), sorted(meta_model.named_buffers())):
+        assert torch.equal(a, b), name
+    for (name, a), (_, b) in zip(sorted(reference.named_parameters()), sorted(meta_model.named_parameters())):
+        assert a.shape == b.shape and torch.isfinite(b).all(), name
+        if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+            assert torch.equal(b, torch.ones_like(b)), name
+
+
+def test_structure_names_and_single_global_kv():
+    model = tiny_model("gated_retention")
+    names = {n for n, _ in model.named_parameters()}
+    assert "model.global_kv.k_proj.weight" in names and "model.global_kv.v_proj.weight" in names
+    assert "model.layers.2.cross_attn.q_proj.weight" in names and "model.layers.2.cross_attn.o_proj.weight" in names
+    assert not any(n.startswith("model.layers.2.cross_attn.k_proj") for n in names)  # no per-layer cross K/V
+    assert {"gate_proj", "up_proj", "down_proj"} <= {n.split(".")[-2] for n in names}
+    assert isinstance(YocoCache(config=model.config).layers[0], LinearAttentionLayer)
+
+
+# ---------------------------------------------------------------------------------------------- official numerics
+
+
+def test_official_numerics_switch():
+    config = tiny_config("sliding_window", official_numerics=True, rope_theta=10000.0)
+    torch.manual_seed(0)
+    model = YocoForCausalLM(config).eval()
+    ids = torch.randint(1, 64, (1, 5))
+    plain = torch.nn.functional.embedding(ids, model.model.embed_tokens.weight)
+    torch.testing.assert_close(model.model.embed_tokens(ids), plain * math.sqrt(32))
+    # theta ** -linspace(0, 1, d/2): the last frequency is exactly 1/theta.
+    rotary = model.model.rotary_emb
+    torch.testing.assert_close(rotary.inv_freq, 1.0 / 10000.0 ** torch.linspace(0, 1, config.head_dim // 2))
+    # Interleaved pairs: (x[2i], x[2i+1]) rotate together by position * inv_freq[i].
+    x = torch.randn(1, 1, 3, config.head_dim)
+    cos, sin = rotary(x, torch.arange(3)[None])
+    rotated = apply_rotary_pos_emb(x, cos, sin, interleaved=True)
+    angle = 2 * rotary.inv_freq[1]  # position 2, pair 1
+    x0, x1 = x[0, 0, 2, 2], x[0, 0, 2, 3]
+    torch.testing.assert_close(rotated[0, 0, 2, 2], x0 * angle.cos() - x1 * angle.sin())
+    torch.testing.assert_close(rotated[0, 0, 2, 3], x1 * angle.cos() + x0 * angle.sin())
+    default = RotaryEmbedding(tiny_config("sliding_window"), config.head_dim)
+    torch.testing.assert_close(default.inv_freq, 1.0 / 10000.0 ** (torch.arange(0, 8, 2).float() / 8))
+    full = model(torch.randint(1, 64, (1, 12)), use_cache=False).logits
+    assert torch.isfinite(full).all()
+
+
+def test_cache_is_far_smaller_than_a_same_size_llama():
+    model = tiny_model("sliding_window", num_hidden_layers=8)
+    config = model.config
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=8,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).eval()
+    input_ids = torch.randint(1, 64, (1, 64))
+    yoco_bytes = model(input_ids).past_key_values.memory_bytes()["total"]
+    llama_cache = llama(input_ids, use_cache=True).past_key_values
+    llama_bytes = sum(layer.keys.numel() * 4 + layer.values.numel() * 4 for layer in llama_cache.layers)
+    expected = 2 * 64 * config.num_key_value_heads * config.head_dim * 4 * (1 + 4 * (WINDOW - 1) / 64)
+    assert yoco_bytes == expected
+    assert llama_bytes / yoco_bytes > 4
