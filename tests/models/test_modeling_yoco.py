@@ -527,3 +527,35 @@ def test_cache_is_far_smaller_than_a_same_size_llama():
     expected = 2 * 64 * config.num_key_value_heads * config.head_dim * 4 * (1 + 4 * (WINDOW - 1) / 64)
     assert yoco_bytes == expected
     assert llama_bytes / yoco_bytes > 4
+
+
+def test_eager_equals_sdpa_and_attention_outputs(self_decoder_type):
+    sdpa = tiny_model(self_decoder_type)
+    eager = YocoForCausalLM.from_pretrained(
+        None, config=sdpa.config, state_dict=sdpa.state_dict(), attn_implementation="eager"
+    ).eval()
+    ids = torch.randint(1, 64, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    a, b = sdpa(ids, attention_mask=mask).logits, eager(ids, attention_mask=mask).logits
+    torch.testing.assert_close(a[0, 3:], b[0, 3:], atol=ATOL, rtol=0)  # padded query rows are undefined
+    torch.testing.assert_close(a[1], b[1], atol=ATOL, rtol=0)
+    out = eager(ids, output_attentions=True, output_hidden_states=True)
+    # One attention map per softmax-attention layer (retention has none), one hidden state per layer + embeddings.
+    expected_maps = 4 if self_decoder_type == "sliding_window" else 2
+    assert len(out.attentions) == expected_maps and all(w.shape == (2, 4, 12, 12) for w in out.attentions)
+    assert len(out.hidden_states) == 5
+
+
+def test_training_steps_reduce_loss(self_decoder_type):
+    model = tiny_model(self_decoder_type).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = torch.randint(1, 64, (4, 24))
+    losses = []
+    for _ in range(8):
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3, losses
