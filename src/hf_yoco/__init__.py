@@ -3,20 +3,43 @@
 `import hf_yoco` registers the configs and models with the Auto classes:
 
     model_type "hf_yoco"  -> YocoConfig, YocoModel, YocoForCausalLM
+    model_type "hf_yoco_block_transformer" -> BlockTransformerConfig, BlockTransformerModel,
+                                              BlockTransformerForCausalLM
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .models.configuration_block_transformer import BlockTransformerConfig
 from .models.configuration_yoco import YocoConfig
+from .models.modeling_block_transformer import (
+    BlockTransformerCache,
+    BlockTransformerForCausalLM,
+    BlockTransformerModel,
+    BlockTransformerPreTrainedModel,
+)
 from .models.modeling_yoco import YocoCache, YocoForCausalLM, YocoModel, YocoPreTrainedModel
 
 __version__ = "0.1.0"
 
-AutoConfig.register(YocoConfig.model_type, YocoConfig, exist_ok=True)
-AutoModel.register(YocoConfig, YocoModel, exist_ok=True)
-AutoModelForCausalLM.register(YocoConfig, YocoForCausalLM, exist_ok=True)
+for _config, _base, _causal_lm in (
+    (YocoConfig, YocoModel, YocoForCausalLM),
+    (BlockTransformerConfig, BlockTransformerModel, BlockTransformerForCausalLM),
+):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModel.register(_config, _base, exist_ok=True)
+    AutoModelForCausalLM.register(_config, _causal_lm, exist_ok=True)
+    # `save_pretrained` then writes `auto_map` and copies the model's source files, so checkpoints also load with
+    # `trust_remote_code=True` where hf_yoco is not installed.
+    _config.register_for_auto_class()
+    _base.register_for_auto_class("AutoModel")
+    _causal_lm.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
+    "BlockTransformerCache",
+    "BlockTransformerConfig",
+    "BlockTransformerForCausalLM",
+    "BlockTransformerModel",
+    "BlockTransformerPreTrainedModel",
     "YocoCache",
     "YocoConfig",
     "YocoForCausalLM",
