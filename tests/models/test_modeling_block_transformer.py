@@ -540,3 +540,41 @@ def test_model_files_follow_the_remote_code_import_rule():
                     assert node.module.split(".")[0] in {"torch", "transformers", "huggingface_hub", "__future__"}
                 else:
                     assert node.level == 1 and node.module in allowed_siblings, (name, node.module)
+
+
+def test_remote_code_round_trip_without_hf_yoco(tmp_path, model):
+    """`save_pretrained` ships the model files; a fresh process that never imports hf_yoco loads them as remote
+    code (`trust_remote_code=True`) and reproduces the logits and greedy generation."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    save_dir = tmp_path / "checkpoint"
+    model.save_pretrained(save_dir)
+    shipped = {p.name for p in save_dir.glob("*.py")}
+    assert {"modeling_block_transformer.py", "configuration_block_transformer.py", "modeling_common.py"} <= shipped
+    torch.manual_seed(17)
+    ids = torch.randint(3, VOCAB, (2, 9))
+    with torch.no_grad():
+        expected_logits = model(ids).logits
+    expected_tokens = model.generate(ids, max_new_tokens=5, **GEN)
+    torch.save({"ids": ids, "logits": expected_logits, "tokens": expected_tokens}, tmp_path / "expected.pt")
+    script = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(save_dir)!r}, trust_remote_code=True).eval()
+assert "hf_yoco" not in sys.modules, "hf_yoco must not be imported"
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+data = torch.load({str(tmp_path / "expected.pt")!r})
+with torch.no_grad():
+    torch.testing.assert_close(model(data["ids"]).logits, data["logits"], atol=1e-5, rtol=0)
+tokens = model.generate(data["ids"], max_new_tokens=5, **{json.dumps(GEN).replace("false", "False").replace("null", "None").replace("true", "True")})
+assert torch.equal(tokens, data["tokens"])
+print("REMOTE_OK")
+"""
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
+    )
+    assert "REMOTE_OK" in result.stdout, result.stderr[-3000:]
