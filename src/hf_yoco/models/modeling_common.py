@@ -11,6 +11,7 @@ files import it as a flat sibling (`from .modeling_common import ...`), the only
   interleaved GPT-J pairs).
 - `eager_attention_forward` / `attention_forward`: the attention glue that dispatches through transformers'
   attention interface (`config._attn_implementation`: eager, sdpa, flash_attention_2, ...).
+- `HubCardMixin`: `push_to_hub` also uploads the hf_yoco model card when the package is installed.
 """
 
 from __future__ import annotations
@@ -211,3 +212,17 @@ class DenseMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.up_proj(hidden_states)))
+
+
+class HubCardMixin:
+    """`push_to_hub` that uploads hf_yoco's model card (`hf_yoco.hub`) when the package is installed.
+
+    Without the package (remote code), the stock transformers behaviour is kept.
+    """
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        try:
+            from hf_yoco.hub import push_to_hub_with_card
+        except ImportError:
+            return super().push_to_hub(repo_id, **kwargs)
+        return push_to_hub_with_card(self, repo_id, **kwargs)

@@ -36,7 +36,14 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_yoco import YocoConfig
-from .modeling_common import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary_pos_emb, attention_forward
+from .modeling_common import (
+    GatedMLP,
+    HubCardMixin,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary_pos_emb,
+    attention_forward,
+)
 
 # --------------------------------------------------------------------------------------------------------------------
 # Gated retention (pure PyTorch). Layout follows flash-linear-attention: q/k/v `[B, T, H, D]`, log-decay `g` `[B, T, H]`,
@@ -470,7 +477,7 @@ class YocoDecoderLayer(GradientCheckpointingLayer):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class YocoPreTrainedModel(PreTrainedModel):
+class YocoPreTrainedModel(HubCardMixin, PreTrainedModel):
     config_class = YocoConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
