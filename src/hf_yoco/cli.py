@@ -10,7 +10,9 @@ import importlib
 import sys
 
 # sub-command -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("hf_yoco.convert", "convert official YOCO or Llama checkpoints to hf_yoco models"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
