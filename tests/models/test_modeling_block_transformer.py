@@ -229,6 +229,21 @@ def test_right_padding_does_not_change_real_positions(model):
     torch.testing.assert_close(padded[:, :6], alone, atol=ATOL, rtol=0)
 
 
+def test_eager_matches_sdpa_and_bf16_runs():
+    model = tiny_model()
+    assert model.config._attn_implementation == "sdpa"
+    torch.manual_seed(18)
+    ids = torch.randint(3, VOCAB, (2, 11))
+    with torch.no_grad():
+        sdpa = model(ids).logits
+        model.set_attn_implementation("eager")
+        assert model.config._attn_implementation == "eager"
+        torch.testing.assert_close(model(ids).logits, sdpa, atol=ATOL, rtol=0)
+    bf16 = model.to(torch.bfloat16)
+    out = bf16.generate(ids, max_new_tokens=5, **GEN)
+    assert out.shape == (2, 16) and bf16(ids).logits.dtype == torch.bfloat16
+
+
 def test_invalid_inputs_raise(model):
     ids = torch.randint(3, VOCAB, (1, 6))
     with pytest.raises(ValueError, match="left and right padding only"):
@@ -262,6 +277,46 @@ def test_loss_covers_every_token_and_matches_manual_cross_entropy(model):
     for items in (count, 2 * count):
         loss = model(ids, labels=labels, num_items_in_batch=torch.tensor(items)).loss
         torch.testing.assert_close(loss, summed / items, atol=1e-6, rtol=0)
+
+
+def test_trainer_passes_num_items_in_batch(tmp_path):
+    """Trainer (gradient accumulation 2, activation checkpointing) hands `num_items_in_batch` to forward."""
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    model = tiny_model().train()
+    torch.manual_seed(19)
+    data = []
+    for _ in range(8):
+        ids = torch.randint(3, VOCAB, (10,))
+        labels = ids.clone()
+        labels[: int(torch.randint(0, 5, ()))] = -100  # a different number of targets per example
+        data.append({"input_ids": ids, "labels": labels})
+    seen = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((kwargs["labels"], kwargs.get("num_items_in_batch"))),
+        with_kwargs=True,
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        use_cpu=True,
+        activation_checkpointing=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator)
+    assert trainer.model_accepts_loss_kwargs
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    # each optimizer step: both micro-batches get the number of shifted targets of the whole accumulated batch
+    assert len(seen) == 4
+    for step in (0, 2):
+        expected = sum(int((labels[:, 1:] != -100).sum()) for labels, _ in seen[step : step + 2])
+        assert [int(n) for _, n in seen[step : step + 2]] == [expected, expected]
 
 
 def test_gradients_and_gradient_checkpointing():

@@ -465,6 +465,12 @@ class BlockTransformerPreTrainedModel(PreTrainedModel):
     # The cache cannot be rolled back across block boundaries: refuse assisted / prompt-lookup decoding.
     _is_stateful = True
 
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers' heuristic greps this file for `ALL_ATTENTION_FUNCTIONS.get_interface(`; the attention layers
+        # dispatch through it in `modeling_common.attention_forward`, so switching eager <-> sdpa is supported.
+        return True
+
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         if isinstance(module, BlockTransformerModel):
