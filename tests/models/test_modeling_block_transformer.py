@@ -254,6 +254,56 @@ def test_invalid_inputs_raise(model):
         model(ids, past_key_values=DynamicCache())
 
 
+def test_gpt_neox_style_block_decoder_matches_transformers_gpt_neox():
+    """`layer_style="gpt_neox"` reproduces transformers' GPTNeoXModel (the official checkpoints' backbone) once the
+    per-head interleaved `query_key_value` is split into q/k/v: the mapping a converter needs."""
+    from transformers import GPTNeoXConfig, GPTNeoXModel
+
+    model = tiny_model(**VARIANTS["gpt_neox"], num_key_value_heads=4)  # GPT-NeoX has no GQA
+    cfg = model.config
+    neox = GPTNeoXModel(
+        GPTNeoXConfig(
+            vocab_size=VOCAB,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_block_decoder_layers,
+            num_attention_heads=cfg.num_attention_heads,
+            rotary_pct=cfg.partial_rotary_factor,
+            use_parallel_residual=True,
+            hidden_act="gelu",
+            attention_bias=True,
+            layer_norm_eps=cfg.norm_eps,
+        )
+    ).eval()
+    with torch.no_grad():  # non-trivial norms and biases
+        for param in neox.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    heads, head_dim = cfg.num_attention_heads, cfg.head_dim
+    state = {}
+    for name, value in neox.state_dict().items():
+        if "query_key_value" in name:  # [H * 3 * hd, ...]: per head, q then k then v
+            prefix, kind = name.split("attention.query_key_value.")
+            parts = value.view(heads, 3, head_dim, *value.shape[1:])
+            for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+                state[f"{prefix}self_attn.{proj}.{kind}"] = parts[:, i].reshape(heads * head_dim, *value.shape[1:])
+            continue
+        name = name.replace("attention.dense", "self_attn.o_proj").replace("final_layer_norm", "norm")
+        name = name.replace("mlp.dense_h_to_4h", "mlp.up_proj").replace("mlp.dense_4h_to_h", "mlp.down_proj")
+        state[name] = value
+    state.pop("embed_in.weight")
+    block_decoder = model.model.block_decoder
+    with torch.no_grad():
+        for name, param in block_decoder.named_parameters():
+            param.copy_(state.pop(name))
+    assert not state
+    torch.manual_seed(20)
+    embeds = torch.randn(2, 7, cfg.hidden_size)
+    with torch.no_grad():
+        expected = neox(inputs_embeds=embeds).last_hidden_state
+        ours = block_decoder(embeds, torch.arange(7)[None], causal(7))
+    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Loss
 # ---------------------------------------------------------------------------------------------------------------------
