@@ -21,7 +21,15 @@ Padding and block boundaries: blocks are anchored at each row's *first real toke
 `attention_mask`), so a left-padded row computes exactly what it computes alone. Internally each row is rotated left
 by its number of pads; results are rotated back (outputs at pad positions are meaningless). Right padding (trailing
 zeros) is treated as ordinary tokens, which cannot affect earlier positions. `position_ids` are accepted for API
-compatibility but ignored: positions follow from the block structure.
+compatibility but ignored: positions follow from the block structure. With a filled cache, new tokens are all real
+(the per-row state lives in the cache) and `attention_mask` is not read. (The official generation instead left-pads
+prompts so they *end* on a block boundary; anchoring at the first real token keeps padded rows identical to
+unpadded ones and makes prompts of any length follow the training computation.)
+
+Backbone: `layer_style="llama"` (RMSNorm, SwiGLU) or `"gpt_neox"` (LayerNorm, GELU MLP; with
+`use_parallel_residual`, `partial_rotary_factor=0.25` and biases it is numerically transformers' `GPTNeoXModel`,
+whose per-head interleaved `query_key_value` splits into `q_proj/k_proj/v_proj`: what a converter of the official
+Pythia-based checkpoints needs; `start_context` is not in those checkpoints and keeps its initialisation).
 
 Cache (`BlockTransformerCache`): per block-decoder layer the K/V of the completed blocks (ragged per row, padded to
 the longest row), per token-decoder layer the K/V of the current block's local sequence (`S` slots), the pending
