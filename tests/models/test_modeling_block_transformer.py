@@ -632,6 +632,24 @@ def test_meta_device_init_equals_normal_init(variant):
     assert abs(expansion.weight.std() / config.hidden_size**-0.5 - 1) < 0.1
 
 
+def test_peft_lora_generate_and_merge():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model()
+    ids = torch.randint(3, VOCAB, (2, 9))
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    wrapped = {name.split(".")[-1] for name, _ in peft_model.named_modules() if name.endswith("lora_A")}
+    assert wrapped  # LoRA got inserted (q/k/v/o, MLP and the context expansion)
+    generated = peft_model.generate(input_ids=ids, max_new_tokens=5, **GEN)
+    with torch.no_grad():
+        adapted = peft_model(input_ids=ids).logits
+    merged = peft_model.merge_and_unload()
+    assert isinstance(merged, BlockTransformerForCausalLM)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted, atol=ATOL, rtol=0)
+    assert torch.equal(merged.generate(ids, max_new_tokens=5, **GEN), generated)
+
+
 def test_model_files_follow_the_remote_code_import_rule():
     folder = pathlib.Path(hf_yoco.__file__).parent / "models"
     allowed_siblings = {"modeling_common", "configuration_block_transformer"}

@@ -432,26 +432,21 @@ class BlockTransformerBlockDecoder(BlockTransformerDecoderStack):
         super().__init__(config, config.num_block_decoder_layers, first_layer_idx=0)
 
 
-class BlockTransformerContextExpansion(nn.Linear):
-    """`Linear(D, k * D)` from a block context to `k` prefix vectors (prefix j = output channels `[j*D, (j+1)*D)`,
-    the official kernel-1 Conv1d layout); initialised N(0, D^-0.5) with zero bias like the official code."""
-
-    def __init__(self, config: BlockTransformerConfig) -> None:
-        super().__init__(config.hidden_size, config.num_prefix_tokens * config.hidden_size)
-        self.num_prefix_tokens = config.num_prefix_tokens
-
-    def forward(self, context: torch.Tensor) -> torch.Tensor:
-        """`[..., D]` block contexts -> `[..., k, D]` prefix vectors."""
-        return super().forward(context).unflatten(-1, (self.num_prefix_tokens, -1))
-
-
 class BlockTransformerTokenDecoder(BlockTransformerDecoderStack):
     """Local decoder: `[prefix vectors, tokens of the current block]`; owns the token embedding and the expansion."""
 
     def __init__(self, config: BlockTransformerConfig) -> None:
         super().__init__(config, config.num_token_decoder_layers, first_layer_idx=config.num_block_decoder_layers)
+        self.num_prefix_tokens = config.num_prefix_tokens
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.context_to_prefix = BlockTransformerContextExpansion(config)
+        # Expansion `Linear(D, k * D)` (the official kernel-1 Conv1d): prefix j = output channels [j*D, (j+1)*D).
+        # A plain nn.Linear so that PEFT/LoRA can wrap it; `_init_weights` recognises it by this flag.
+        self.context_to_prefix = nn.Linear(config.hidden_size, config.num_prefix_tokens * config.hidden_size)
+        self.context_to_prefix.is_context_expansion = True
+
+    def expand_context(self, context: torch.Tensor) -> torch.Tensor:
+        """`[..., D]` block contexts -> `[..., k, D]` prefix vectors."""
+        return self.context_to_prefix(context).unflatten(-1, (self.num_prefix_tokens, -1))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -483,14 +478,13 @@ class BlockTransformerPreTrainedModel(PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, BlockTransformerModel):
             normal_(module.start_context, mean=0.0, std=1.0)  # the scale of normalised block-decoder outputs
-        elif isinstance(module, BlockTransformerContextExpansion):
-            normal_(module.weight, mean=0.0, std=self.config.hidden_size**-0.5)
-            zeros_(module.bias)
         elif isinstance(module, RotaryEmbedding):
             inv_freq = module.reset_inv_freq()
             copy_(module.inv_freq, inv_freq)
             copy_(module.original_inv_freq, inv_freq)
         elif isinstance(module, nn.Linear):
+            if getattr(module, "is_context_expansion", False):  # official expansion init: N(0, D^-0.5)
+                std = self.config.hidden_size**-0.5
             normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 zeros_(module.bias)
@@ -618,7 +612,7 @@ class BlockTransformerModel(BlockTransformerPreTrainedModel):
             padded_ids = nn.functional.pad(aligned_ids, (0, L))
             token_index = current_block[:, None] * L + torch.arange(L - 1, device=device)[None]  # [B, L-1]
             pending_ids = padded_ids.gather(1, token_index)  # [B, L-1]
-            prefix = self.token_decoder.context_to_prefix(contexts[rows, current_block])  # [B, k, D]
+            prefix = self.token_decoder.expand_context(contexts[rows, current_block])  # [B, k, D]
             local_inputs = torch.cat([prefix, self.token_decoder.embed_tokens(pending_ids)], dim=1)  # [B, S, D]
             local_states = self.token_decoder(
                 local_inputs,
@@ -638,7 +632,7 @@ class BlockTransformerModel(BlockTransformerPreTrainedModel):
         num_local = num_full + 1
         padded_ids = nn.functional.pad(aligned_ids, (0, num_local * L - length))
         local_ids = padded_ids.view(batch, num_local, L)[:, :, : L - 1]  # [B, n+1, L-1] (last token: never an input)
-        prefix = self.token_decoder.context_to_prefix(contexts)  # [B, n+1, k, D]
+        prefix = self.token_decoder.expand_context(contexts)  # [B, n+1, k, D]
         local_inputs = torch.cat([prefix, self.token_decoder.embed_tokens(local_ids)], dim=2)  # [B, n+1, S, D]
         local_states = self.token_decoder(
             local_inputs.flatten(0, 1), torch.arange(S, device=device)[None], _causal_mask(S, dtype, device)
@@ -688,7 +682,7 @@ class BlockTransformerModel(BlockTransformerPreTrainedModel):
                 past_key_values=cache,
                 cache_kwargs={"rows": done, "positions": block_positions, "batch_size": batch},
             )  # [r, 1, D]
-            prefix = self.token_decoder.context_to_prefix(block_states[:, 0])  # [r, k, D]
+            prefix = self.token_decoder.expand_context(block_states[:, 0])  # [r, k, D]
 
         # 2. Token decoder: q query slots per row. Completing rows: the k fresh prefix vectors at local positions
         #    0..k-1 (their old local state is discarded). Other rows: the new token in the last slot at local
