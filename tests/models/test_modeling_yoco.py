@@ -545,6 +545,8 @@ def test_eager_equals_sdpa_and_attention_outputs(self_decoder_type):
     expected_maps = 4 if self_decoder_type == "sliding_window" else 2
     assert len(out.attentions) == expected_maps and all(w.shape == (2, 4, 12, 12) for w in out.attentions)
     assert len(out.hidden_states) == 5
+    sdpa.set_attn_implementation("eager")  # switching after loading works too
+    torch.testing.assert_close(sdpa(ids).logits, eager(ids).logits, atol=0, rtol=0)
 
 
 def test_training_steps_reduce_loss(self_decoder_type):

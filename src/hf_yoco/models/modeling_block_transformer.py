@@ -51,7 +51,15 @@ from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.utils import can_return_tuple
 
 from .configuration_block_transformer import BlockTransformerConfig
-from .modeling_common import DenseMLP, GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary_pos_emb, attention_forward
+from .modeling_common import (
+    DenseMLP,
+    GatedMLP,
+    HfYocoModelMixin,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary_pos_emb,
+    attention_forward,
+)
 
 
 def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
@@ -454,7 +462,7 @@ class BlockTransformerTokenDecoder(BlockTransformerDecoderStack):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class BlockTransformerPreTrainedModel(PreTrainedModel):
+class BlockTransformerPreTrainedModel(HfYocoModelMixin, PreTrainedModel):
     config_class = BlockTransformerConfig
     config: BlockTransformerConfig
     base_model_prefix = "model"
@@ -467,12 +475,6 @@ class BlockTransformerPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False
     # The cache cannot be rolled back across block boundaries: refuse assisted / prompt-lookup decoding.
     _is_stateful = True
-
-    @classmethod
-    def _can_set_attn_implementation(cls) -> bool:
-        # transformers' heuristic greps this file for `ALL_ATTENTION_FUNCTIONS.get_interface(`; the attention layers
-        # dispatch through it in `modeling_common.attention_forward`, so switching eager <-> sdpa is supported.
-        return True
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range

@@ -11,7 +11,7 @@ files import it as a flat sibling (`from .modeling_common import ...`), the only
   interleaved GPT-J pairs).
 - `eager_attention_forward` / `attention_forward`: the attention glue that dispatches through transformers'
   attention interface (`config._attn_implementation`: eager, sdpa, flash_attention_2, ...).
-- `HubCardMixin`: `push_to_hub` also uploads the hf_yoco model card when the package is installed.
+- `HfYocoModelMixin`: model-card `push_to_hub` and attention-implementation switching for both models.
 """
 
 from __future__ import annotations
@@ -214,11 +214,19 @@ class DenseMLP(nn.Module):
         return self.down_proj(self.act_fn(self.up_proj(hidden_states)))
 
 
-class HubCardMixin:
-    """`push_to_hub` that uploads hf_yoco's model card (`hf_yoco.hub`) when the package is installed.
+class HfYocoModelMixin:
+    """Behaviour shared by the hf_yoco `PreTrainedModel`s (put it first in the bases).
 
-    Without the package (remote code), the stock transformers behaviour is kept.
+    - `push_to_hub` also uploads hf_yoco's model card (`hf_yoco.hub`) when the package is installed; without it
+      (remote code) the stock transformers behaviour is kept.
+    - The attention implementation can be switched after loading (`model.set_attn_implementation("eager")`): the
+      layers dispatch through transformers' `AttentionInterface` in `attention_forward` above, which transformers'
+      source-grep heuristic cannot see from the model file.
     """
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        return True
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:
         try:

@@ -38,7 +38,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .configuration_yoco import YocoConfig
 from .modeling_common import (
     GatedMLP,
-    HubCardMixin,
+    HfYocoModelMixin,
     RMSNorm,
     RotaryEmbedding,
     apply_rotary_pos_emb,
@@ -477,7 +477,7 @@ class YocoDecoderLayer(GradientCheckpointingLayer):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class YocoPreTrainedModel(HubCardMixin, PreTrainedModel):
+class YocoPreTrainedModel(HfYocoModelMixin, PreTrainedModel):
     config_class = YocoConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
