@@ -145,8 +145,11 @@ def training_arguments(args: argparse.Namespace, **overrides: Any):
         warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm,
-        eval_strategy="steps" if args.eval_steps > 0 else "no",
-        eval_steps=args.eval_steps if args.eval_steps > 0 else None,
+        # The initial evaluation runs inside `train()` (`eval_on_start`): calling `trainer.evaluate()` first would mark
+        # the model as prepared by accelerate, and multi-process training would then skip the DDP wrapper.
+        eval_strategy="steps" if args.eval_steps > 0 or args.eval_before else "no",
+        eval_steps=args.eval_steps if args.eval_steps > 0 else args.max_steps + 1,
+        eval_on_start=args.eval_before,
         save_strategy="steps" if args.save_steps > 0 else "no",
         save_steps=args.save_steps if args.save_steps > 0 else 500,
         save_total_limit=args.save_total_limit,
@@ -218,8 +221,9 @@ def train(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    before = trainer.evaluate()["eval_loss"] if args.eval_before else float("nan")
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    before = evals[0] if args.eval_before and evals else float("nan")
     after = trainer.evaluate()["eval_loss"]
     final_dir = Path(args.output_dir) / "final"
     trainer.save_model(str(final_dir))
