@@ -11,7 +11,7 @@ import sys
 
 # sub-command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "convert": ("hf_yoco.convert", "convert official YOCO or Llama checkpoints to hf_yoco models"),
+    "convert": ("hf_yoco.convert", "convert official YOCO / Block Transformer or Llama checkpoints to hf_yoco models"),
     "data": ("hf_yoco.data", "build the offline training corpus, tokenizer and packed blocks"),
     "train": ("hf_yoco.training", "train or fine-tune (full or LoRA) a model with the stock Trainer"),
 }

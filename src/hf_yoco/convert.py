@@ -3,24 +3,32 @@
 - `convert_official_yoco`: the official microsoft/unilm YOCO state dict (flat fairseq-style keys, `params.json`)
   -> `YocoForCausalLM` with `official_numerics=True` (embeddings x sqrt(d), interleaved RoPE with the YOCO
   frequencies), so no weight permutation is needed.
+- `convert_official_block_transformer`: the official Block Transformer (itsnamgyu/block-transformer)
+  `model.safetensors` saved by its Trainer (GPT-NeoX/Pythia decoders) -> `BlockTransformerForCausalLM` with
+  `layer_style="gpt_neox"`; fused `query_key_value` split per head, the Conv1d expansion squeezed to a Linear, the
+  unused block-decoder `embed_in` dropped.
 - `yocofy_llama`: a pretrained Llama-architecture model -> a YOCO initialisation: embeddings and the first half of
   the layers become the self-decoder, the middle layer's input norm and k/v projections become the global K/V
   builder, the upper layers' q/o projections, norms and MLPs become the cross-decoder.
 
-CLI: `hf-yoco convert {yoco-official, llama-to-yoco} INPUT OUTPUT [...]`.
+CLI: `hf-yoco convert {yoco-official, block-transformer-official, llama-to-yoco} INPUT OUTPUT [...]`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
+from .models.configuration_block_transformer import BlockTransformerConfig
 from .models.configuration_yoco import YocoConfig
+from .models.modeling_block_transformer import BlockTransformerForCausalLM
 from .models.modeling_yoco import YocoForCausalLM
 
 # Official YOCO key -> hf_yoco key. `{i}`: self-decoder layer, `{j}`: cross-decoder layer (placed at L/2 + j).
@@ -131,17 +139,22 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path)
 
 
-def _rename_checked(
-    state_dict: dict[str, torch.Tensor], key_map: dict[str, str], model: PreTrainedModel, ignore: tuple[str, ...] = ()
-) -> dict[str, torch.Tensor]:
-    """Rename `state_dict` through `key_map`, failing with every missing / unexpected key and shape mismatch."""
-    missing = sorted(k for k in key_map if k not in state_dict)
-    unexpected = sorted(k for k in state_dict if k not in key_map and not k.startswith(ignore))
+def _check_key_names(state_dict: Mapping[str, torch.Tensor], expected: Mapping, ignore: tuple[str, ...] = ()) -> None:
+    """Fail with every missing and unexpected key (keys starting with an `ignore` prefix are optional)."""
+    missing = sorted(k for k in expected if k not in state_dict)
+    unexpected = sorted(k for k in state_dict if k not in expected and not k.startswith(ignore))
     if missing or unexpected:
         raise ValueError(
             f"Checkpoint keys do not match the expected layout.\n  missing ({len(missing)}): {missing}\n"
             f"  unexpected ({len(unexpected)}): {unexpected}"
         )
+
+
+def _rename_checked(
+    state_dict: dict[str, torch.Tensor], key_map: dict[str, str], model: PreTrainedModel, ignore: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
+    """Rename `state_dict` through `key_map`, failing with every missing / unexpected key and shape mismatch."""
+    _check_key_names(state_dict, key_map, ignore)
     target_shapes = {k: v.shape for k, v in model.state_dict().items()}
     renamed, wrong_shapes = {}, []
     for source, target in key_map.items():
@@ -174,6 +187,394 @@ def convert_official_yoco(
         reference = YocoForCausalLM(config)
     state_dict = _rename_checked(_load_safetensors(checkpoint), official_yoco_key_map(config), reference)
     model = YocoForCausalLM.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype)
+    return model.eval()
+
+
+# -------------------------------------------------------------------------------------- official Block Transformer
+
+# Official Block Transformer key -> hf_yoco key (block_transformer.md §3.3). The official model is a plain nn.Module
+# holding `embedder` (lookup table), `block_decoder` and `token_decoder` (GPT-NeoX / Pythia decoders).
+OFFICIAL_BLOCK_TRANSFORMER_TOP_KEYS = {
+    "embedder.embeddings.weight": "model.embedder.embed_tokens.weight",
+    "block_decoder.gpt_neox.final_layer_norm.weight": "model.block_decoder.norm.weight",
+    "block_decoder.gpt_neox.final_layer_norm.bias": "model.block_decoder.norm.bias",
+    "token_decoder.gpt_neox.embed_in.weight": "model.token_decoder.embed_tokens.weight",
+    "token_decoder.gpt_neox.final_layer_norm.weight": "model.token_decoder.norm.weight",
+    "token_decoder.gpt_neox.final_layer_norm.bias": "model.token_decoder.norm.bias",
+    "token_decoder.embed_out.weight": "lm_head.weight",
+    "token_decoder.expansion_layer.weight": "model.token_decoder.context_to_prefix.weight",  # [kD, D, 1] -> [kD, D]
+    "token_decoder.expansion_layer.bias": "model.token_decoder.context_to_prefix.bias",
+}
+# Per GPT-NeoX layer (under `{block,token}_decoder.gpt_neox.layers.{i}.` -> `model.{block,token}_decoder.layers.{i}.`).
+OFFICIAL_BLOCK_TRANSFORMER_LAYER_KEYS = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "input_layernorm.bias": "input_layernorm.bias",
+    "post_attention_layernorm.weight": "post_attention_layernorm.weight",
+    "post_attention_layernorm.bias": "post_attention_layernorm.bias",
+    # fused [H * 3 * hd, ...]: per head h, rows [3h hd, 3h hd + hd) = q, the next hd = k, the next hd = v
+    "attention.query_key_value.weight": (
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+    ),
+    "attention.query_key_value.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+    "attention.dense.weight": "self_attn.o_proj.weight",
+    "attention.dense.bias": "self_attn.o_proj.bias",
+    "mlp.dense_h_to_4h.weight": "mlp.up_proj.weight",
+    "mlp.dense_h_to_4h.bias": "mlp.up_proj.bias",
+    "mlp.dense_4h_to_h.weight": "mlp.down_proj.weight",
+    "mlp.dense_4h_to_h.bias": "mlp.down_proj.bias",
+}
+# Kernel-1 Conv1d weights: the official tensor is the hf_yoco Linear weight with a trailing dimension of 1.
+OFFICIAL_BLOCK_TRANSFORMER_CONV_KEYS = ("token_decoder.expansion_layer.weight",)
+# In every official checkpoint but never used (the block decoder always gets `inputs_embeds`): dropped if present.
+OFFICIAL_BLOCK_TRANSFORMER_UNUSED_KEYS = ("block_decoder.gpt_neox.embed_in.weight",)
+
+# The official decoders are `EleutherAI/pythia-410m-deduped`'s GPTNeoXConfig with the yaml's `config:` overrides;
+# these are the fields of that base config the conversion depends on (block_transformer.md §3.1).
+PYTHIA_DECODER_DEFAULTS = {
+    "vocab_size": 50304,
+    "rotary_pct": 0.25,
+    "rotary_emb_base": 10000,
+    "max_position_embeddings": 2048,
+    "use_parallel_residual": True,
+    "layer_norm_eps": 1e-5,
+    "hidden_act": "gelu",
+    "attention_bias": True,
+    "tie_word_embeddings": False,
+    "initializer_range": 0.02,
+}
+_PYTHIA_DECODER_KNOWN_FIELDS = {"num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size"}
+# Overrides that do not change inference or the weights' layout.
+_PYTHIA_DECODER_IGNORED_FIELDS = {
+    "attention_dropout",
+    "hidden_dropout",
+    "classifier_dropout",
+    "use_cache",
+    "torch_dtype",
+}
+
+
+def official_block_transformer_key_map(config: BlockTransformerConfig) -> dict[str, str | tuple[str, str, str]]:
+    """Every official key expected for `config`, mapped to its hf_yoco name (a 3-tuple: fused q/k/v, split per head).
+
+    The unused `block_decoder.gpt_neox.embed_in.weight` is not in the map (it is dropped); `model.start_context` is
+    not a target (official checkpoints have none, see `convert_official_block_transformer`).
+    """
+    key_map: dict[str, str | tuple[str, str, str]] = dict(OFFICIAL_BLOCK_TRANSFORMER_TOP_KEYS)
+    for decoder, num_layers in (
+        ("block_decoder", config.num_block_decoder_layers),
+        ("token_decoder", config.num_token_decoder_layers),
+    ):
+        for i in range(num_layers):
+            source, target = f"{decoder}.gpt_neox.layers.{i}.", f"model.{decoder}.layers.{i}."
+            for key, value in OFFICIAL_BLOCK_TRANSFORMER_LAYER_KEYS.items():
+                mapped = tuple(target + v for v in value) if isinstance(value, tuple) else target + value
+                key_map[source + key] = mapped
+    return key_map
+
+
+def _official_head_count(hidden_size: int) -> int:
+    """The official `util/config.py` default: `hidden_size // head_dim`, head_dim 32 / 64 / 128 for D <= 256 / 1536 /
+    larger."""
+    head_dim = 32 if hidden_size <= 256 else 64 if hidden_size <= 1536 else 128
+    if hidden_size % head_dim:
+        raise ValueError(f"hidden_size {hidden_size} is not divisible by the official default head size {head_dim}.")
+    return hidden_size // head_dim
+
+
+def _read_trainer_config(trainer_config: Mapping | str | Path) -> dict:
+    if isinstance(trainer_config, Mapping):
+        return dict(trainer_config)
+    path = Path(trainer_config)
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    import yaml  # a transformers dependency
+
+    return yaml.safe_load(path.read_text())
+
+
+def _official_decoder_config(cfg: dict, name: str) -> dict:
+    """Effective GPTNeoXConfig fields of the `block_decoder` / `token_decoder` section of a trainer yaml."""
+    section = cfg.get(name) or {}
+    if section.get("cls") != "gpt-neo-x":
+        raise ValueError(f"Only GPT-NeoX decoders convert: `{name}.cls` is {section.get('cls')!r}, not 'gpt-neo-x'.")
+    base = section.get("model_name_or_path") or ""
+    if not str(base).startswith("EleutherAI/pythia-"):
+        raise ValueError(
+            f"`{name}.model_name_or_path` is {base!r}: only Pythia base configs (EleutherAI/pythia-*) are known "
+            "offline; pass a BlockTransformerConfig instead."
+        )
+    fields = {**PYTHIA_DECODER_DEFAULTS, **(section.get("config") or {})}
+    for required in ("num_hidden_layers", "hidden_size"):
+        if required not in fields:
+            raise ValueError(f"`{name}.config.{required}` is missing from the trainer config.")
+    if fields.get("num_attention_heads") is None:
+        fields["num_attention_heads"] = _official_head_count(fields["hidden_size"])
+    if fields.get("intermediate_size") is None:
+        fields["intermediate_size"] = 4 * fields["hidden_size"]
+    known = set(PYTHIA_DECODER_DEFAULTS) | _PYTHIA_DECODER_KNOWN_FIELDS | _PYTHIA_DECODER_IGNORED_FIELDS
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"`{name}.config` overrides fields this converter does not map: {unknown}.")
+    return fields
+
+
+def _trainer_config_kwargs(cfg: dict) -> dict:
+    """`BlockTransformerConfig` kwargs from an official trainer yaml (`conf/trainer/<name>.yaml`)."""
+    split = cfg.get("block_split")
+    if split is not None:
+        if split.get("distribution") != "fixed":
+            raise ValueError(f"Only fixed-length blocks convert, got `block_split: {split}`.")
+        block_length = split["distribution_kwargs"]["length"]
+    elif cfg.get("block_length") is not None:
+        block_length = cfg["block_length"]
+    else:
+        raise ValueError("The trainer config has neither `block_split` nor `block_length`: not a Block Transformer.")
+    embedder = cfg.get("embedder") or {}
+    if embedder.get("cls") != "lookup" or embedder.get("projection_method", "concat") != "concat":
+        raise ValueError(
+            "Only the lookup + concat embedder converts (`embedder.cls: lookup`, `projection_method: concat`), got "
+            f"cls={embedder.get('cls')!r}, projection_method={embedder.get('projection_method')!r}."
+        )
+    if embedder.get("n_embedding_tokens", 1) != 1:
+        raise ValueError(f"Only `embedder.n_embedding_tokens: 1` converts, got {embedder['n_embedding_tokens']}.")
+    token = cfg.get("token_decoder") or {}
+    if token.get("decoding_strategy") != "prefix" or token.get("expansion_method") != "expansion_layer":
+        raise ValueError(
+            "Only the prefix token decoder converts (`decoding_strategy: prefix`, `expansion_method: "
+            f"expansion_layer`), got {token.get('decoding_strategy')!r} / {token.get('expansion_method')!r}."
+        )
+    block_fields = _official_decoder_config(cfg, "block_decoder")
+    token_fields = _official_decoder_config(cfg, "token_decoder")
+    # The block decoder's vocab_size only sizes its unused embed_in; layer counts may differ.
+    shared = sorted(set(block_fields) - {"num_hidden_layers", "vocab_size", "tie_word_embeddings"})
+    different = [f for f in shared if block_fields[f] != token_fields[f]]
+    if different:
+        raise ValueError(
+            f"hf_yoco's Block Transformer shares one width/backbone between its decoders; the official config "
+            f"differs in {different}: " + ", ".join(f"{f}={block_fields[f]!r}/{token_fields[f]!r}" for f in different)
+        )
+    hidden = token_fields["hidden_size"]
+    embedder_fields = embedder.get("config") or {}
+    if embedder_fields.get("hidden_size", hidden // block_length) * block_length != hidden:
+        raise ValueError(
+            f"`embedder.config.hidden_size` ({embedder_fields['hidden_size']}) x block_length ({block_length}) must "
+            f"equal the decoders' hidden_size ({hidden})."
+        )
+    vocab = token_fields["vocab_size"]
+    if embedder_fields.get("vocab_size", vocab) != vocab:
+        raise ValueError(f"Embedder vocab_size {embedder_fields['vocab_size']} != token decoder vocab_size {vocab}.")
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=token_fields["intermediate_size"],
+        block_length=block_length,
+        num_prefix_tokens=token.get("expansion_ratio", 1),
+        num_block_decoder_layers=block_fields["num_hidden_layers"],
+        num_token_decoder_layers=token_fields["num_hidden_layers"],
+        num_attention_heads=token_fields["num_attention_heads"],
+        hidden_act=token_fields["hidden_act"],
+        use_parallel_residual=token_fields["use_parallel_residual"],
+        partial_rotary_factor=float(token_fields["rotary_pct"]),
+        attention_bias=token_fields["attention_bias"],
+        norm_eps=float(token_fields["layer_norm_eps"]),
+        rope_theta=float(token_fields["rotary_emb_base"]),
+        max_position_embeddings=int(cfg.get("max_length") or token_fields["max_position_embeddings"]),
+        initializer_range=float(token_fields["initializer_range"]),
+    )
+
+
+def _state_dict_config_kwargs(state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """`BlockTransformerConfig` kwargs read off the tensor shapes, with Pythia defaults for what shapes cannot tell."""
+    if "embedder.projection_layer.weight" in state_dict:
+        raise ValueError(
+            "This checkpoint has `embedder.projection_layer` (an uptrained model with a Conv1d projection embedder); "
+            "only the lookup + concat embedder of the main models converts."
+        )
+    needed = (
+        "embedder.embeddings.weight",
+        "token_decoder.gpt_neox.embed_in.weight",
+        "token_decoder.expansion_layer.weight",
+        "token_decoder.gpt_neox.layers.0.mlp.dense_h_to_4h.weight",
+    )
+    missing = [k for k in needed if k not in state_dict]
+    if missing:
+        raise ValueError(
+            f"Cannot infer the architecture: missing {missing}. Is this an official Block Transformer "
+            "`model.safetensors`? (Or pass the trainer yaml as `config`.)"
+        )
+    vocab, slice_width = state_dict["embedder.embeddings.weight"].shape
+    token_vocab, hidden = state_dict["token_decoder.gpt_neox.embed_in.weight"].shape
+    if vocab != token_vocab or hidden % slice_width:
+        raise ValueError(
+            f"Embedder table {tuple(state_dict['embedder.embeddings.weight'].shape)} does not fit the token "
+            f"decoder's {(token_vocab, hidden)}: expected [V, D / block_length] with the same V."
+        )
+
+    def count_layers(decoder: str) -> int:
+        pattern = re.compile(rf"{decoder}\.gpt_neox\.layers\.(\d+)\.")
+        indices = {int(m.group(1)) for k in state_dict if (m := pattern.match(k))}
+        return max(indices) + 1 if indices else 0
+
+    defaults = PYTHIA_DECODER_DEFAULTS
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=state_dict["token_decoder.gpt_neox.layers.0.mlp.dense_h_to_4h.weight"].shape[0],
+        block_length=hidden // slice_width,
+        num_prefix_tokens=max(1, state_dict["token_decoder.expansion_layer.weight"].shape[0] // hidden),
+        num_block_decoder_layers=max(1, count_layers("block_decoder")),
+        num_token_decoder_layers=count_layers("token_decoder"),
+        num_attention_heads=_official_head_count(hidden),
+        hidden_act=defaults["hidden_act"],
+        use_parallel_residual=defaults["use_parallel_residual"],
+        partial_rotary_factor=defaults["rotary_pct"],
+        attention_bias=defaults["attention_bias"],
+        norm_eps=defaults["layer_norm_eps"],
+        rope_theta=float(defaults["rotary_emb_base"]),
+        max_position_embeddings=defaults["max_position_embeddings"],
+        initializer_range=defaults["initializer_range"],
+    )
+
+
+def official_block_transformer_config(
+    trainer_config: Mapping | str | Path | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    **overrides,
+) -> BlockTransformerConfig:
+    """`BlockTransformerConfig` of an official Block Transformer checkpoint (`layer_style="gpt_neox"`).
+
+    The official code has no config.json: the architecture is its Hydra trainer yaml `conf/trainer/<name>.yaml`
+    (e.g. `block_main_b4_85.yaml`) on top of the `EleutherAI/pythia-410m-deduped` GPTNeoXConfig. From
+    `trainer_config` (the yaml / json path or its parsed dict) this reads:
+
+    - `block_split.distribution_kwargs.length` (fixed distribution) or `block_length` -> `block_length`;
+    - `embedder.cls` (must be `lookup`), `embedder.projection_method` (`concat`), `embedder.n_embedding_tokens` (1),
+      `embedder.config.{vocab_size, hidden_size}` (checked against the decoders: `hidden_size * block_length = D`);
+    - `{block,token}_decoder.cls` (`gpt-neo-x`), `.model_name_or_path` (a Pythia config), `.config.{num_hidden_layers,
+      hidden_size, num_attention_heads, intermediate_size}` plus any override of the Pythia fields in
+      `PYTHIA_DECODER_DEFAULTS` (`rotary_pct`, `rotary_emb_base`, `layer_norm_eps`, ...). Missing heads / FFN width
+      follow the official `util/config.py` autofill (head size 32 / 64 / 128 for D <= 256 / 1536 / larger; FFN 4D);
+    - `token_decoder.{decoding_strategy (prefix), expansion_method (expansion_layer), expansion_ratio}` ->
+      `num_prefix_tokens`; `max_length` -> `max_position_embeddings`.
+
+    Without `trainer_config`, the architecture is read off `state_dict`'s shapes (vocabulary, width, block length
+    = D / embedder width, prefix length, FFN width, layer counts) with the Pythia defaults and the official head
+    autofill for the rest: right for every released `block_main_*` checkpoint.
+
+    Special tokens are Pythia's: `<|endoftext|>` = 0 is BOS, EOS and (as in the official data pipeline) padding.
+    `overrides` are passed to `BlockTransformerConfig` last.
+    """
+    if trainer_config is not None:
+        kwargs = _trainer_config_kwargs(_read_trainer_config(trainer_config))
+    elif state_dict is not None:
+        kwargs = _state_dict_config_kwargs(state_dict)
+    else:
+        raise ValueError("Pass the official trainer config (yaml path or dict) or the checkpoint's state dict.")
+    rope_theta = kwargs.pop("rope_theta")
+    kwargs.update(
+        layer_style="gpt_neox",
+        mlp_bias=True,
+        num_key_value_heads=kwargs["num_attention_heads"],
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    kwargs.update(overrides)
+    return BlockTransformerConfig(**kwargs)
+
+
+def _official_block_transformer_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: BlockTransformerConfig, model: PreTrainedModel
+) -> dict[str, torch.Tensor]:
+    """Official tensors -> hf_yoco names and layouts, failing with every missing / unexpected key and wrong shape."""
+    key_map = official_block_transformer_key_map(config)
+    _check_key_names(state_dict, key_map, ignore=OFFICIAL_BLOCK_TRANSFORMER_UNUSED_KEYS)
+    target_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    heads, head_dim = config.num_attention_heads, config.head_dim
+    renamed, wrong_shapes = {}, []
+    for source, target in key_map.items():
+        tensor = state_dict[source]
+        if isinstance(target, tuple):  # fused q/k/v: [H * 3 * hd, ...]
+            first = target_shapes[target[0]]
+            expected = (3 * first[0], *first[1:])
+        elif source in OFFICIAL_BLOCK_TRANSFORMER_CONV_KEYS:
+            expected = (*target_shapes[target], 1)
+        else:
+            expected = target_shapes[target]
+        if tuple(tensor.shape) != expected:
+            wrong_shapes.append(f"{source}: {tuple(tensor.shape)}, expected {expected}")
+            continue
+        if isinstance(target, tuple):
+            rest = tensor.shape[1:]
+            per_head = tensor.view(heads, 3, head_dim, *rest)  # [H, q/k/v, hd, ...]
+            for part, name in enumerate(target):
+                renamed[name] = per_head[:, part].reshape(heads * head_dim, *rest)  # [H * hd, ...]
+        elif source in OFFICIAL_BLOCK_TRANSFORMER_CONV_KEYS:
+            renamed[target] = tensor.squeeze(-1)
+        else:
+            renamed[target] = tensor
+    if wrong_shapes:
+        raise ValueError("Checkpoint tensors have the wrong shapes:\n  " + "\n  ".join(wrong_shapes))
+    return renamed
+
+
+def convert_official_block_transformer(
+    checkpoint: str | Path,
+    config: BlockTransformerConfig | Mapping | str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> BlockTransformerForCausalLM:
+    """Load an official Block Transformer checkpoint (the Trainer's `model.safetensors`) into
+    `BlockTransformerForCausalLM`.
+
+    Mapping (block_transformer.md §3.3; `official_block_transformer_key_map`): `embedder.embeddings` -> the lookup
+    embedder; each GPT-NeoX decoder's layers, final LayerNorm and (token decoder) `embed_in` 1:1 onto the
+    `layer_style="gpt_neox"` layers, with the per-head interleaved `attention.query_key_value` split into
+    `q_proj`/`k_proj`/`v_proj`; `token_decoder.embed_out` -> `lm_head` (untied); the kernel-1 Conv1d
+    `token_decoder.expansion_layer` [kD, D, 1] -> the Linear `context_to_prefix` [kD, D] (prefix j = output channels
+    `[jD, (j+1)D)` in both). **`block_decoder.gpt_neox.embed_in.weight` is dropped**: the official block decoder
+    keeps a [V, D] input embedding it never uses (it always receives the block vectors as `inputs_embeds`).
+    Non-persistent buffers (rotary tables, causal masks) are not in the checkpoint and are rebuilt.
+
+    The first block: the official model never predicts the tokens of block 0 (its first `block_length` tokens;
+    block i is predicted from the block decoder's output for block i - 1). hf_yoco predicts every token by giving
+    block 0 a learned start context `model.start_context`, which official checkpoints do not have: it keeps its
+    initial value (random, like any newly initialised weight), so the logits at positions `0 .. block_length - 2`
+    (predicting the rest of block 0) are **not** those of the official model, which makes no such predictions.
+    From position `block_length - 1` on (blocks >= 1) the logits equal the official forward's. The logits at the
+    last position of an input that ends on a block boundary (the first token of the next block) come from the last
+    block's context, as in the official `generate` (which, unlike its forward, gives both prefix vectors rotary
+    position 0, block_transformer.md §2.3; hf_yoco uses the training positions). To reproduce the official "pad"
+    scoring of the <= 85M checkpoints, prepend `block_length - 1` tokens of id 0 as real tokens (attention mask 1).
+
+    Args:
+        checkpoint: the official `model.safetensors`, or a folder holding `*.safetensors` (safetensors only).
+        config: a `BlockTransformerConfig`, the official trainer yaml / json (path or parsed dict) read by
+            `official_block_transformer_config`, or `None` to infer the architecture from the tensor shapes.
+        dtype: dtype of the returned model (released checkpoints are probably bf16).
+    """
+    state_dict = _load_safetensors(Path(checkpoint))
+    if not isinstance(config, BlockTransformerConfig):
+        config = (
+            official_block_transformer_config(state_dict=state_dict)
+            if config is None
+            else official_block_transformer_config(config)
+        )
+    if config.layer_style != "gpt_neox" or not (config.attention_bias and config.mlp_bias):
+        raise ValueError(
+            "Official Block Transformer checkpoints need `layer_style='gpt_neox'` with `attention_bias` and "
+            "`mlp_bias` (use `official_block_transformer_config`)."
+        )
+    if config.num_key_value_heads != config.num_attention_heads or config.tie_word_embeddings:
+        raise ValueError("Official Block Transformer checkpoints have no GQA and an untied LM head.")
+    with torch.device("meta"):  # shapes only
+        reference = BlockTransformerForCausalLM(config)
+    renamed = _official_block_transformer_state_dict(state_dict, config, reference)
+    # `model.start_context` is absent: from_pretrained initialises it (see the docstring).
+    model = BlockTransformerForCausalLM.from_pretrained(None, config=config, state_dict=renamed, dtype=dtype)
     return model.eval()
 
 
@@ -263,10 +664,16 @@ def yocofy_llama(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("kind", choices=["yoco-official", "llama-to-yoco"], help="what to convert")
+    parser.add_argument(
+        "kind", choices=["yoco-official", "block-transformer-official", "llama-to-yoco"], help="what to convert"
+    )
     parser.add_argument("input", help="official: .safetensors file or folder (+ params.json); llama: a model folder")
     parser.add_argument("output", help="folder for save_pretrained")
     parser.add_argument("--params", help="official YOCO params.json (default: beside the checkpoint)")
+    parser.add_argument(
+        "--config",
+        help="official Block Transformer trainer yaml (conf/trainer/<name>.yaml; default: inferred from the shapes)",
+    )
     parser.add_argument("--self-decoder", choices=["sliding_window", "gated_retention"], default="sliding_window")
     parser.add_argument("--sliding-window", type=int, default=1024)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -276,6 +683,8 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     if args.kind == "yoco-official":
         model = convert_official_yoco(args.input, args.params, dtype=dtype)
+    elif args.kind == "block-transformer-official":
+        model = convert_official_block_transformer(args.input, args.config, dtype=dtype)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
