@@ -99,7 +99,7 @@ def test_lora_finetune_example(tmp_path):
     t = tiny_args(tmp_path, "yoco_swa")
     flags = ["--data-dir", t.data_dir, "--vocab-size", "512", "--block-size", "32", "--hidden-size", "32"]
     flags += ["--num-layers", "2", "--num-heads", "2", "--num-kv-heads", "1", "--self-decoder", "sliding_window"]
-    flags += ["--output-dir", str(tmp_path), "--base-steps", "15", "--max-steps", "15", "--learning-rate", "1e-2"]
+    flags += ["--output-dir", str(tmp_path), "--base-steps", "10", "--max-steps", "10", "--learning-rate", "1e-2"]
     flags += ["--eval-steps", "0", "--save-steps", "0", "--max-eval-samples", "16", "--no-progress", "--cpu"]
     result = example.main(flags)
     assert result["cache_type"] == "YocoCache" and result["same_greedy_tokens"]
