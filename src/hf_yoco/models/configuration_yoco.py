@@ -46,7 +46,8 @@ class YocoConfig(PreTrainedConfig):
         self_decoder_chunk_size (`int`, *optional*, defaults to 4096):
             Chunked prefill: in eval mode, push at most this many prompt tokens through the self-decoder at once
             (state carried by the cache), so activation memory stays bounded for very long prompts; results equal
-            one-shot prefill. `None` disables it. (Named apart from `GenerationConfig.prefill_chunk_size`, which
+            one-shot prefill. `None` disables it. With a sliding-window self-decoder the chunk is also capped at
+            `max(sliding_window, 512)`, so each chunk only meets about two windows of keys (block-sparse prefill). (Named apart from `GenerationConfig.prefill_chunk_size`, which
             chunks whole forward calls inside `generate()` and also works with YOCO.)
         official_numerics (`bool`, defaults to `False`):
             Reproduce the official microsoft/unilm YOCO numerics needed to load converted checkpoints: embeddings

@@ -142,6 +142,8 @@ def recurrent_gated_retention(
     return out.to(dtype), state if output_final_state else None
 
 
+SLIDING_WINDOW_MIN_CHUNK = 512  # smallest self-decoder chunk used for block-sparse sliding-window prefill
+
 # --------------------------------------------------------------------------------------------------------------------
 # Cache
 # --------------------------------------------------------------------------------------------------------------------
@@ -631,6 +633,10 @@ class YocoModel(YocoPreTrainedModel):
         )
         keep = length if outputs_requested or logits_to_keep <= 0 else min(logits_to_keep, length)
         chunk = self.config.self_decoder_chunk_size
+        if chunk is not None and self.config.self_decoder_type == "sliding_window":
+            # Block-sparse window attention: a chunk of C queries only meets C + W - 1 keys, so chunks of about one
+            # window skip the (T x T) dense mask and compute; the floor keeps per-chunk overhead small for tiny W.
+            chunk = min(chunk, max(self.config.sliding_window, SLIDING_WINDOW_MIN_CHUNK))
         chunked = (
             chunk is not None
             and length > chunk
