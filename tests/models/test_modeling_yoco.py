@@ -561,3 +561,20 @@ def test_training_steps_reduce_loss(self_decoder_type):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.3, losses
+
+
+@torch.no_grad()
+def test_block_sparse_window_prefill_equals_dense():
+    """With the default chunk size, a sliding-window prompt longer than 512 tokens is prefilled in window-sized
+    chunks (each meets at most C + W - 1 keys); the logits equal a dense one-shot prefill."""
+    dense = tiny_model("sliding_window", self_decoder_chunk_size=None)
+    sparse = tiny_model("sliding_window")
+    input_ids = torch.randint(1, 64, (1, 1100))
+    seen = []
+    hook = sparse.model.layers[0].register_forward_hook(lambda mod, args, out: seen.append(out.shape[1]))
+    try:
+        logits = sparse(input_ids, logits_to_keep=0).logits
+    finally:
+        hook.remove()
+    assert seen == [512, 512, 76]
+    torch.testing.assert_close(logits, dense(input_ids).logits, atol=ATOL, rtol=0)
