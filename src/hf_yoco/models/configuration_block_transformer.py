@@ -8,6 +8,7 @@ from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
 LAYER_STYLES = ("llama", "gpt_neox")
+KERNEL_BACKENDS = ("auto", "torch", "triton")
 
 
 @strict
@@ -53,6 +54,10 @@ class BlockTransformerConfig(PreTrainedConfig):
             As in `LlamaConfig`. `tie_word_embeddings=True` ties the LM head to the token decoder's embedding (the
             paper's model is untied). Rotary positions are block indices in the block decoder and
             `0 .. num_prefix_tokens + block_length - 2` inside every block of the token decoder.
+        kernel_backend (`str`, defaults to `"auto"`):
+            Kernels for the hot paths: `"auto"` runs hf_yoco's Triton kernels on CUDA tensors (when triton is
+            installed) and PyTorch otherwise; `"torch"` always PyTorch; `"triton"` always Triton (CPU tensors need
+            `TRITON_INTERPRET=1`, for tests). Without the hf_yoco package (Hub remote code) PyTorch is used.
     """
 
     model_type = "hf_yoco_block_transformer"
@@ -84,6 +89,7 @@ class BlockTransformerConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
     rope_parameters: RopeParameters | dict | None = None
     attention_dropout: float = 0.0
+    kernel_backend: str = "auto"
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -179,6 +185,8 @@ class BlockTransformerConfig(PreTrainedConfig):
         dropout = self.attention_dropout
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"`attention_dropout` must be a number in [0, 1), got {dropout!r}.")
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise ValueError(f"`kernel_backend` must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}.")
 
 
 __all__ = ["BlockTransformerConfig"]

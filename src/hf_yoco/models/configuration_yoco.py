@@ -7,6 +7,7 @@ from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
 SELF_DECODER_TYPES = ("sliding_window", "gated_retention")
+KERNEL_BACKENDS = ("auto", "torch", "triton")
 # Cache layer type that transformers' `DynamicCache(config=...)` builds for each self-decoder type.
 SELF_DECODER_LAYER_TYPES = {"sliding_window": "sliding_attention", "gated_retention": "linear_attention"}
 
@@ -53,6 +54,10 @@ class YocoConfig(PreTrainedConfig):
             Reproduce the official microsoft/unilm YOCO numerics needed to load converted checkpoints: embeddings
             scaled by `sqrt(hidden_size)` and RoPE with `theta ** -linspace(0, 1, d/2)` frequencies on interleaved
             (GPT-J) pairs. Off: standard Llama-style RoPE (any `rope_type`) and unscaled embeddings.
+        kernel_backend (`str`, defaults to `"auto"`):
+            Kernels for the hot paths: `"auto"` runs hf_yoco's Triton kernels on CUDA tensors (when triton is
+            installed) and PyTorch otherwise; `"torch"` always PyTorch; `"triton"` always Triton (CPU tensors need
+            `TRITON_INTERPRET=1`, for tests). Without the hf_yoco package (Hub remote code) PyTorch is used.
         layer_types (`list[str]`, *optional*):
             Derived from `self_decoder_type`; accepted only if it matches.
     """
@@ -85,6 +90,7 @@ class YocoConfig(PreTrainedConfig):
     retention_chunk_size: int = 64
     self_decoder_chunk_size: int | None = 4096
     official_numerics: bool = False
+    kernel_backend: str = "auto"
     layer_types: list[str] | None = None
 
     def __post_init__(self, **kwargs):
@@ -188,6 +194,8 @@ class YocoConfig(PreTrainedConfig):
             raise ValueError(
                 f"`self_decoder_chunk_size` must be a positive int or None, got {self.self_decoder_chunk_size!r}."
             )
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise ValueError(f"`kernel_backend` must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}.")
         rope_type = (self.rope_parameters or {}).get("rope_type", "default")
         if self.official_numerics and rope_type != "default":
             raise ValueError(

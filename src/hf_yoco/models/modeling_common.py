@@ -11,6 +11,8 @@ files import it as a flat sibling (`from .modeling_common import ...`), the only
   interleaved GPT-J pairs).
 - `eager_attention_forward` / `attention_forward`: the attention glue that dispatches through transformers'
   attention interface (`config._attn_implementation`: eager, sdpa, flash_attention_2, ...).
+- `kernel_op`: the `config.kernel_backend` switch ("auto" | "torch" | "triton") to hf_yoco's Triton kernels, imported
+  under a guard so the file still works without hf_yoco installed.
 - `HfYocoModelMixin`: model-card `push_to_hub` and attention-implementation switching for both models.
 """
 
@@ -24,6 +26,11 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+try:  # optional Triton kernels; as Hub remote code without hf_yoco installed, everything stays on PyTorch
+    from hf_yoco.kernels import ops as _kernel_ops
+except ImportError:
+    _kernel_ops = None
 
 
 class RMSNorm(nn.Module):
@@ -174,6 +181,20 @@ def eager_attention_forward(
     return attn_output.transpose(1, 2).contiguous(), attn_weights
 
 
+def kernel_op(config, tensor: torch.Tensor, name: str) -> Callable | None:
+    """The Triton op `name` of `hf_yoco.kernels.ops` when `config.kernel_backend` selects Triton for `tensor`, else None.
+
+    "auto": Triton on CUDA tensors when triton is importable, PyTorch otherwise; "torch": never; "triton": always
+    (CPU tensors need `TRITON_INTERPRET=1`, otherwise a clear error).
+    """
+    backend = getattr(config, "kernel_backend", "auto")
+    if _kernel_ops is None:
+        if backend == "triton":
+            raise ImportError("kernel_backend='triton' needs the hf_yoco package with triton installed.")
+        return None
+    return getattr(_kernel_ops, name) if _kernel_ops.use_triton(backend, tensor) else None
+
+
 def attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -188,7 +209,13 @@ def attention_forward(
 
     `module` needs `config`, `num_key_value_groups`, `is_causal` and `layer_idx` (transformers' contract).
     Shapes: query `[B, H, T, D]`, key/value `[B, H_kv, S, D]`; returns `[B, T, H, D]` and optional weights.
+    With Triton selected (`kernel_op`), plain causal / sliding-window calls run hf_yoco's kernels (no weights).
     """
+    triton_attention = None if dropout and module.training else kernel_op(module.config, query, "attention")
+    if triton_attention is not None:
+        output = triton_attention(module, query, key, value, attention_mask, scaling, kwargs.get("sliding_window"))
+        if output is not None:
+            return output, None
     interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
         module.config._attn_implementation, eager_attention_forward
     )

@@ -43,6 +43,7 @@ from .modeling_common import (
     RotaryEmbedding,
     apply_rotary_pos_emb,
     attention_forward,
+    kernel_op,
 )
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -347,7 +348,10 @@ class YocoGatedRetention(nn.Module):
 
         state = _get_recurrent_state(past_key_values, self.layer_idx)
         want_state = past_key_values is not None
-        if length == 1:
+        triton_retention = kernel_op(self.config, query, "gated_retention")  # None: PyTorch path
+        if triton_retention is not None:
+            out, state = triton_retention(query, key, value, log_decay, state, want_state)
+        elif length == 1:
             out, state = recurrent_gated_retention(query, key, value, log_decay, state, want_state)
         elif length <= self.chunk_size:
             out, state = parallel_gated_retention(query, key, value, log_decay, state, want_state)

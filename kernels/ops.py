@@ -1,0 +1,78 @@
+"""Model-facing entry points that route to the Triton kernels (imported lazily, so this module never imports triton).
+
+The model files reach these through a guarded import (`modeling_common.kernel_op`); each returns None when the
+Triton kernel does not cover the call (custom or padded masks, non-causal attention), and the caller then runs
+its PyTorch path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .utils import use_triton
+
+__all__ = ["attention", "gated_retention", "use_triton"]
+
+FUSED_RECURRENT_MAX_LEN = 64  # gated retention: token-by-token kernel up to this length, chunkwise above
+DECODE_MAX_QUERIES = 16  # attention: split-K decode kernel for at most this many queries (no grad)
+
+
+def gated_retention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """YOCO's gRet (keys pre-scaled, so scale=1): q/k `[B, T, H, K]`, v `[B, T, H, V]`, g `[B, T, H]` -> o, state."""
+    if q.shape[1] <= FUSED_RECURRENT_MAX_LEN:
+        from .gated_retention.fused_recurrent import fused_recurrent_gated_retention as fn
+    else:
+        from .gated_retention.chunk import chunk_gated_retention as fn
+    return fn(q, k, v, g, scale=1.0, initial_state=initial_state, output_final_state=output_final_state)
+
+
+def _mask_is_plain(mask: torch.Tensor, length: int, kv_length: int, window: int) -> bool:
+    """True when a 4D mask (bool: True = keep; float: 0 = keep) is exactly the bottom-right causal(-window) band."""
+    if mask.ndim != 4 or mask.shape[-2] != length or mask.shape[-1] != kv_length:
+        return False
+    keep = mask if mask.dtype == torch.bool else mask == 0
+    i = torch.arange(length, device=mask.device)[:, None] + kv_length - length
+    j = torch.arange(kv_length, device=mask.device)[None, :]
+    band = (j <= i) & (j > i - window) if window else j <= i
+    return bool((keep == band).all())
+
+
+def attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor | None:
+    """Causal (sliding-window) GQA attention in transformers' layout, or None when the kernels don't apply.
+
+    query `[B, H, T, D]`, key/value `[B, H_kv, S, D]` -> `[B, T, H, D]`. Only the plain bottom-right causal band (with
+    the window) is covered; padded or custom masks and non-causal modules return None (PyTorch path).
+    """
+    length, kv_length = query.shape[2], key.shape[2]
+    window = int(sliding_window or 0)
+    if not getattr(module, "is_causal", True) or kv_length < length:
+        return None
+    if attention_mask is None:
+        if 1 < length < kv_length:  # transformers would read this as top-left causal: leave it to PyTorch
+            return None
+    elif not _mask_is_plain(attention_mask, length, kv_length, window):
+        return None
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, T, H, D]
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if not needs_grad and length <= DECODE_MAX_QUERIES and (not window or kv_length <= window):
+        from .shared_kv_attention.decode import shared_kv_attention
+
+        return shared_kv_attention(q, k, v, scale=scaling)
+    from .sliding_window_attention.chunk import sliding_window_attention
+
+    return sliding_window_attention(q, k, v, window_size=window, scale=scaling)

@@ -1,0 +1,85 @@
+"""Torch-only helpers shared by the kernels: backend resolution and input guards. Never imports triton at import time."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+KERNEL_BACKENDS = ("auto", "torch", "triton")
+
+
+def is_interpreter() -> bool:
+    """True when the Triton interpreter is requested (`TRITON_INTERPRET=1`, which must be set before `import triton`)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def is_triton_available() -> bool:
+    """True when the `triton` package can be imported (says nothing about a usable GPU driver)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:  # a broken install must never break hf_yoco
+        return False
+    return True
+
+
+def is_triton_usable(device: torch.device | str) -> bool:
+    """True when the Triton kernels can run on tensors of `device`: CUDA with triton, or CPU under the interpreter."""
+    device = torch.device(device)
+    if not is_triton_available():
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available()
+    return device.type == "cpu" and is_interpreter()
+
+
+def use_triton(backend: str, tensor: torch.Tensor) -> bool:
+    """Resolve `kernel_backend` for the tensors of one call.
+
+    - "torch": never.
+    - "auto": Triton on CUDA tensors when triton is importable, PyTorch otherwise (CPU included).
+    - "triton": always; on CPU tensors only under `TRITON_INTERPRET=1`, else a `RuntimeError` says why.
+    """
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return tensor.is_cuda and is_triton_usable(tensor.device)
+    if backend != "triton":
+        raise ValueError(f"`kernel_backend` must be one of {KERNEL_BACKENDS}, got {backend!r}.")
+    if not is_triton_available():
+        raise RuntimeError("kernel_backend='triton' needs the `triton` package (pip install 'hf-yoco[triton]').")
+    if not is_triton_usable(tensor.device):
+        raise RuntimeError(
+            f"kernel_backend='triton' cannot run on {tensor.device.type} tensors: use a CUDA device, or set "
+            "TRITON_INTERPRET=1 before triton is first imported to run the kernels in the Triton interpreter (slow, "
+            "for tests), or use kernel_backend='auto'/'torch'."
+        )
+    return True
+
+
+def input_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Make every tensor argument contiguous and run under the tensors' CUDA device."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        args = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: (v.contiguous() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+        tensor = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if tensor is not None and tensor.is_cuda:
+            with torch.cuda.device(tensor.device):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def next_power_of_2(n: int, minimum: int = 16) -> int:
+    """Smallest power of two >= max(n, minimum) (`tl.dot` needs tile sides >= 16)."""
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
