@@ -11,6 +11,7 @@ import sys
 
 # sub-command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "bench": ("hf_yoco.bench", "memory and speed of YOCO / Block Transformer vs a same-size Llama"),
     "convert": ("hf_yoco.convert", "convert official YOCO / Block Transformer or Llama checkpoints to hf_yoco models"),
     "data": ("hf_yoco.data", "build the offline training corpus, tokenizer and packed blocks"),
     "train": ("hf_yoco.training", "train or fine-tune (full or LoRA) a model with the stock Trainer"),
