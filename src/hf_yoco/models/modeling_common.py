@@ -27,11 +27,6 @@ from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-try:  # optional Triton kernels; as Hub remote code without hf_yoco installed, everything stays on PyTorch
-    from hf_yoco.kernels import ops as _kernel_ops
-except ImportError:
-    _kernel_ops = None
-
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm. Computes in fp32 and casts back before the (optional) weight, like `LlamaRMSNorm`."""
@@ -188,11 +183,15 @@ def kernel_op(config, tensor: torch.Tensor, name: str) -> Callable | None:
     (CPU tensors need `TRITON_INTERPRET=1`, otherwise a clear error).
     """
     backend = getattr(config, "kernel_backend", "auto")
-    if _kernel_ops is None:
+    if backend == "torch" or (backend == "auto" and not tensor.is_cuda):
+        return None  # decided without importing hf_yoco (remote code on CPU never touches it)
+    try:  # optional Triton kernels; as Hub remote code without hf_yoco installed, everything stays on PyTorch
+        from hf_yoco.kernels import ops
+    except ImportError:
         if backend == "triton":
-            raise ImportError("kernel_backend='triton' needs the hf_yoco package with triton installed.")
+            raise ImportError("kernel_backend='triton' needs the hf_yoco package with triton installed.") from None
         return None
-    return getattr(_kernel_ops, name) if _kernel_ops.use_triton(backend, tensor) else None
+    return getattr(ops, name) if ops.use_triton(backend, tensor) else None
 
 
 def attention_forward(
