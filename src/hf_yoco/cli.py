@@ -1,6 +1,7 @@
 """`hf-yoco` command line. Each sub-command lives in its own module, imported only when used.
 
-A module listed in `COMMANDS` defines `add_arguments(parser)` and `run(args) -> int | None`.
+A module listed in `COMMANDS` defines `add_arguments(parser)` and `run(args) -> int | None`; an entry
+"module:name" uses `add_<name>_arguments` and `run_<name>` instead (several commands in one module).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import sys
 
 # sub-command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "ppl": ("hf_yoco.evaluation:ppl", "sliding-window perplexity of a text under any causal LM"),
+    "niah": ("hf_yoco.evaluation:niah", "needle-in-a-haystack retrieval grid (JSON + heatmap)"),
     "bench": ("hf_yoco.bench", "memory and speed of YOCO / Block Transformer vs a same-size Llama"),
     "convert": ("hf_yoco.convert", "convert official YOCO / Block Transformer or Llama checkpoints to hf_yoco models"),
     "data": ("hf_yoco.data", "build the offline training corpus, tokenizer and packed blocks"),
@@ -23,14 +26,16 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        sub.set_defaults(_module=module_name)
-        importlib.import_module(module_name).add_arguments(sub)
+        module_name, _, prefix = module_name.partition(":")
+        sub.set_defaults(_module=module_name, _run=f"run_{prefix}" if prefix else "run")
+        module = importlib.import_module(module_name)
+        getattr(module, f"add_{prefix}_arguments" if prefix else "add_arguments")(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return importlib.import_module(args._module).run(args) or 0
+    return getattr(importlib.import_module(args._module), args._run)(args) or 0
 
 
 if __name__ == "__main__":

@@ -115,6 +115,61 @@ def build_shakespeare_corpus(
     return out
 
 
+AUSTEN_NOVELS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")
+
+
+def build_austen_corpus(novels: str | list[str] = "all", data_dir: str | os.PathLike | None = None) -> Path:
+    """Jane Austen's six novels as plain text in `data/corpora/austen[_<novel>].txt`; cached.
+
+    The text comes from Debian's `r-cran-janeaustenr` package (`apt-get download`, no install and no R needed: the
+    R lazy-load database is decoded with the `rdata` package). Needs `apt-get` (run `apt-get update` once) and
+    `pip install rdata`.
+    """
+    data_dir = Path(data_dir or default_data_dir())
+    selected = list(AUSTEN_NOVELS) if novels == "all" else [novels] if isinstance(novels, str) else list(novels)
+    unknown = [n for n in selected if n not in AUSTEN_NOVELS]
+    if unknown:
+        raise ValueError(f"unknown novel(s) {unknown}; choose from {list(AUSTEN_NOVELS)} or 'all'")
+    out = (
+        data_dir
+        / "corpora"
+        / ("austen.txt" if selected == list(AUSTEN_NOVELS) else f"austen_{'+'.join(selected)}.txt")
+    )
+    if out.exists():
+        return out
+    import gzip
+    import zlib
+
+    try:
+        import rdata
+    except ImportError as error:
+        raise ImportError("The Austen corpus needs the `rdata` package: pip install rdata") from error
+    deb_dir = data_dir / "_deb"
+    deb_dir.mkdir(parents=True, exist_ok=True)
+    if not list(deb_dir.glob("r-cran-janeaustenr_*.deb")):
+        subprocess.run(["apt-get", "download", "-q", "r-cran-janeaustenr"], cwd=deb_dir, check=True)
+    extract = deb_dir / "janeaustenr"
+    base = extract / "usr/lib/R/site-library/janeaustenr/data/Rdata"
+    if not base.with_suffix(".rdx").exists():
+        deb = sorted(deb_dir.glob("r-cran-janeaustenr_*.deb"))[-1]
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(extract)], check=True)
+    # R lazy-load database: the .rdx index (gzip'd RDS) gives (offset, length) of zlib chunks (4-byte header) in .rdb.
+    index = rdata.conversion.convert(rdata.parser.parse_data(gzip.decompress(base.with_suffix(".rdx").read_bytes())))
+    database = base.with_suffix(".rdb").read_bytes()
+    texts = []
+    for name in tqdm(selected, desc="decoding Austen"):
+        offset, length = (int(x) for x in index["variables"][name])
+        lines = rdata.conversion.convert(
+            rdata.parser.parse_data(zlib.decompress(database[offset + 4 : offset + length]))
+        )
+        texts.append("\n".join(map(str, lines)).strip())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text("\n\n".join(texts) + "\n", encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
 # -------------------------------------------------------------------------------------------------- tokenizers
 
 
