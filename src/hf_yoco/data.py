@@ -147,7 +147,13 @@ def build_austen_corpus(novels: str | list[str] = "all", data_dir: str | os.Path
     deb_dir = data_dir / "_deb"
     deb_dir.mkdir(parents=True, exist_ok=True)
     if not list(deb_dir.glob("r-cran-janeaustenr_*.deb")):
-        subprocess.run(["apt-get", "download", "-q", "r-cran-janeaustenr"], cwd=deb_dir, check=True)
+        try:
+            subprocess.run(["apt-get", "download", "-q", "r-cran-janeaustenr"], cwd=deb_dir, check=True)
+        except (OSError, subprocess.CalledProcessError) as error:
+            raise RuntimeError(
+                "`apt-get download r-cran-janeaustenr` failed: the Austen corpus needs Debian's package lists "
+                "(run `apt-get update` once) or pass your own haystack text file."
+            ) from error
     extract = deb_dir / "janeaustenr"
     base = extract / "usr/lib/R/site-library/janeaustenr/data/Rdata"
     if not base.with_suffix(".rdx").exists():
