@@ -118,7 +118,18 @@ def test_niah_grid_runs_for_any_causal_lm(tmp_path, corpus_and_tokenizer):
         needle_in_a_haystack(model, tokenizer, text, [128], [0.5], num_needles=0)
 
 
+def _debian_lists_available() -> bool:
+    import shutil
+    import subprocess
+
+    if shutil.which("apt-cache") is None:
+        return False
+    policy = subprocess.run(["apt-cache", "policy", "r-cran-janeaustenr"], capture_output=True, text=True).stdout
+    return "Candidate:" in policy and "Candidate: (none)" not in policy
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(not _debian_lists_available(), reason="Debian package lists missing: run `apt-get update`")
 def test_austen_haystack_from_debian_package(tmp_path):
     from hf_yoco.data import build_austen_corpus
 
