@@ -578,3 +578,22 @@ def test_block_sparse_window_prefill_equals_dense():
         hook.remove()
     assert seen == [512, 512, 76]
     torch.testing.assert_close(logits, dense(input_ids).logits, atol=ATOL, rtol=0)
+
+
+def test_global_kv_appends_in_place_and_backprop_through_the_cache_works():
+    model = tiny_model("sliding_window")
+    input_ids = torch.randint(1, 64, (2, 12))
+    with torch.no_grad():
+        cache = model(input_ids[:, :8]).past_key_values
+        layer = cache.layers[cache.global_kv_layer_idx]
+        buffer = None
+        for t in range(8, 12):
+            cache = model(input_ids[:, t : t + 1], past_key_values=cache).past_key_values
+            buffer = buffer or layer._key_buffer.data_ptr()
+            assert layer._key_buffer.data_ptr() == buffer  # appended in place after the first decode step
+        assert cache.memory_bytes()["global_kv_reserved"] >= cache.memory_bytes()["global_kv"]
+    # With gradients, decoding through the cache still backpropagates (no in-place writes then).
+    out = model(input_ids[:, :8], use_cache=True)
+    step = model(input_ids[:, 8:9], past_key_values=out.past_key_values)
+    (out.logits.sum() + step.logits.sum()).backward()
+    assert model.model.global_kv.k_proj.weight.grad.abs().sum() > 0

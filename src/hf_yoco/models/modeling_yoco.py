@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, LinearAttentionCacheLayerMixin
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS,
@@ -154,13 +154,63 @@ def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
+class YocoGlobalKVLayer(DynamicLayer):
+    """The "store" layer holding the global K/V. Appends in place into a buffer with `growth` spare positions, so a
+    decode step writes one row instead of copying the whole cache (`DynamicLayer` concatenates, O(N) per step).
+
+    `keys` / `values` are views `[B, H_kv, N, D]` of the buffers; anything that replaces them (crop, reorder, batch
+    ops, offloading) is adopted as the new buffer at the next update.
+    """
+
+    def __init__(self, growth: int = 256, **kwargs) -> None:
+        super().__init__()
+        self.growth = growth
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            # Autograd may have saved earlier views of the buffer: concatenate (no in-place writes) instead.
+            self._key_buffer = self._value_buffer = None
+            return super().update(key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.get_seq_length()
+        if self._key_buffer is None or self.keys.numel() and self.keys.data_ptr() != self._key_buffer.data_ptr():
+            # First update, or `keys` was replaced by a layer operation: adopt it (or start from nothing).
+            self._key_buffer, self._value_buffer = (self.keys, self.values) if length else (None, None)
+        needed = length + key_states.shape[-2]
+        if self._key_buffer is None or needed > self._key_buffer.shape[-2]:
+            shape = (*key_states.shape[:-2], needed + (self.growth if length else 0), key_states.shape[-1])
+            key_buffer, value_buffer = key_states.new_empty(shape), value_states.new_empty(shape)
+            if length:
+                key_buffer[..., :length, :] = self.keys
+                value_buffer[..., :length, :] = self.values
+            self._key_buffer, self._value_buffer = key_buffer, value_buffer
+        self._key_buffer[..., length:needed, :] = key_states
+        self._value_buffer[..., length:needed, :] = value_states
+        self.keys, self.values = self._key_buffer[..., :needed, :], self._value_buffer[..., :needed, :]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        self._key_buffer = self._value_buffer = None
+        super().reset()
+
+    def reserved_bytes(self) -> int:
+        """Bytes allocated for the global K/V, spare positions included."""
+        return _tensor_bytes(self._key_buffer, self._value_buffer) if self._key_buffer is not None else 0
+
+
 class YocoCache(DynamicCache):
     """Cache of a YOCO model: one constant-size state per self-decoder layer plus **one** global K/V.
 
     Layers (built by transformers from `config.layer_types` / `config.kv_sharing_modes`):
     - self-decoder layers: `DynamicSlidingWindowLayer` (the last W-1 keys/values) for sliding-window attention,
       or `LinearAttentionLayer` (recurrent state `[B, H, K, V]`, fp32) for gated retention;
-    - layer `L/2` ("store"): `DynamicLayer` holding the global K/V `[B, H_kv, N, D]`;
+    - layer `L/2` ("store"): `YocoGlobalKVLayer` (a `DynamicLayer` that appends in place) holding the global K/V
+      `[B, H_kv, N, D]`;
     - layers `L/2+1 .. L-1` ("reuse"): `DummyLayer`, nothing stored.
 
     `generate()` creates it by itself; pass one as `past_key_values` to reuse or inspect it (`memory_bytes()`).
@@ -171,6 +221,7 @@ class YocoCache(DynamicCache):
         self.self_decoder_type = config.self_decoder_type
         self.num_self_decoder_layers = config.num_hidden_layers // 2
         self.global_kv_layer_idx = self.num_self_decoder_layers
+        self.layers[self.global_kv_layer_idx] = YocoGlobalKVLayer()
 
     @property
     def global_key_values(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -179,7 +230,8 @@ class YocoCache(DynamicCache):
         return layer.keys, layer.values
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes held by the cache tensors: `self_decoder` (windows / recurrent states), `global_kv`, `total`."""
+        """Bytes held by the cache tensors: `self_decoder` (windows / recurrent states), `global_kv`, `total`; and
+        `global_kv_reserved`, the global K/V buffer actually allocated (spare positions for in-place appends)."""
         self_decoder = 0
         for layer in self.layers[: self.num_self_decoder_layers]:
             if isinstance(layer, LinearAttentionCacheLayerMixin):
@@ -187,7 +239,14 @@ class YocoCache(DynamicCache):
             else:
                 self_decoder += _tensor_bytes(layer.keys, layer.values)
         global_kv = _tensor_bytes(*self.global_key_values)
-        return {"self_decoder": self_decoder, "global_kv": global_kv, "total": self_decoder + global_kv}
+        layer = self.layers[self.global_kv_layer_idx]
+        reserved = layer.reserved_bytes() if isinstance(layer, YocoGlobalKVLayer) else global_kv
+        return {
+            "self_decoder": self_decoder,
+            "global_kv": global_kv,
+            "total": self_decoder + global_kv,
+            "global_kv_reserved": max(reserved, global_kv),  # allocated, incl. up to `growth` spare positions
+        }
 
     def crop(self, tokens_to_remove: int) -> None:
         if self.self_decoder_type == "gated_retention":
