@@ -44,7 +44,7 @@ class YocoConfig(PreTrainedConfig):
             `log(gamma) = logsigmoid(x W_gamma) / gate_logit_normalizer` (gRet decay per head and token).
         retention_chunk_size (`int`, defaults to 64):
             Chunk length of the chunkwise gRet form used for prompts/training sequences.
-        self_decoder_chunk_size (`int`, *optional*, defaults to 4096):
+        self_decoder_chunk_size (`int`, *optional*, defaults to 2048):
             Chunked prefill: in eval mode, push at most this many prompt tokens through the self-decoder at once
             (state carried by the cache), so activation memory stays bounded for very long prompts; results equal
             one-shot prefill. `None` disables it. With a sliding-window self-decoder the chunk is also capped at
@@ -88,7 +88,7 @@ class YocoConfig(PreTrainedConfig):
     num_retention_heads: int | None = None
     gate_logit_normalizer: float = 16.0
     retention_chunk_size: int = 64
-    self_decoder_chunk_size: int | None = 4096
+    self_decoder_chunk_size: int | None = 2048
     official_numerics: bool = False
     kernel_backend: str = "auto"
     layer_types: list[str] | None = None

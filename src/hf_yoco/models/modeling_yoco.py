@@ -681,14 +681,13 @@ class YocoModel(YocoPreTrainedModel):
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and past_key_values is None:
             past_key_values = YocoCache(config=self.config)
         past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-        length = inputs_embeds.shape[1]
+        reference = input_ids if inputs_embeds is None else inputs_embeds
+        length, device = reference.shape[1], reference.device
         if position_ids is None:
-            position_ids = (torch.arange(length, device=inputs_embeds.device) + past_seen).unsqueeze(0)
+            position_ids = (torch.arange(length, device=device) + past_seen).unsqueeze(0)
 
         outputs_requested = any(
             kwargs.get(f"output_{name}", getattr(self.config, f"output_{name}", False))
@@ -724,7 +723,10 @@ class YocoModel(YocoPreTrainedModel):
         kept_states = []
         for start in range(0, length, chunk if chunked else length):
             end = min(start + chunk, length) if chunked else length
-            hidden_states = inputs_embeds[:, start:end]
+            # Embeddings too are computed chunk by chunk, so a long prompt never holds [B, T, d] at once.
+            hidden_states = (
+                self.embed_tokens(input_ids[:, start:end]) if inputs_embeds is None else inputs_embeds[:, start:end]
+            )
             chunk_position_ids = position_ids[:, start:end]
             chunk_mask = attention_mask
             if chunked and attention_mask is not None:
