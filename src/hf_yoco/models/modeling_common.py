@@ -215,10 +215,32 @@ def attention_forward(
         output = triton_attention(module, query, key, value, attention_mask, scaling, kwargs.get("sliding_window"))
         if output is not None:
             return output, None
+    if (
+        module.config._attn_implementation == "sdpa"
+        and query.shape[2] == 1
+        and module.num_key_value_groups > 1
+        and not (dropout and module.training)
+        and (attention_mask is None or attention_mask.shape[-2] == 1)
+    ):
+        return sdpa_grouped_query_decode(query, key, value, attention_mask, scaling), None
     interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
         module.config._attn_implementation, eager_attention_forward
     )
     return interface(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def sdpa_grouped_query_decode(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """One query token with GQA: the query heads sharing a K/V head become that head's query rows, so SDPA reads each
+    K/V head once instead of once per query head (decode over a long cache is bound by reading K/V).
+
+    query `[B, H, 1, D]`, key/value `[B, H_kv, S, D]`, mask `[B, 1, 1, S]` or None -> `[B, 1, H, D]`.
+    """
+    batch, heads, _, dim = query.shape
+    grouped = query.view(batch, key.shape[1], heads // key.shape[1], dim)  # [B, H_kv, G, D]; head h = kv * G + g
+    output = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
+    return output.reshape(batch, heads, 1, dim).transpose(1, 2)  # [B, 1, H, D]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
