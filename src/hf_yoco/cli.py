@@ -14,6 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "ppl": ("hf_yoco.evaluation:ppl", "sliding-window perplexity of a text under any causal LM"),
     "niah": ("hf_yoco.evaluation:niah", "needle-in-a-haystack retrieval grid (JSON + heatmap)"),
+    "lm-eval-task": ("hf_yoco.evaluation:lm_eval_task", "write a local lm-evaluation-harness task (YAML + JSONL)"),
     "bench": ("hf_yoco.bench", "memory and speed of YOCO / Block Transformer vs a same-size Llama"),
     "convert": ("hf_yoco.convert", "convert official YOCO / Block Transformer or Llama checkpoints to hf_yoco models"),
     "data": ("hf_yoco.data", "build the offline training corpus, tokenizer and packed blocks"),

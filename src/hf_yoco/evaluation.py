@@ -257,3 +257,64 @@ def run_niah(args: argparse.Namespace) -> int:
     save_niah(results, args.output_dir, title=Path(args.model).name)
     print(f"mean accuracy {results['mean_accuracy']:.3f}; wrote {args.output_dir}/niah.json and niah.png")
     return 0
+
+
+# ------------------------------------------------------------------------------------------ lm-evaluation-harness
+
+LM_EVAL_TASK_TEMPLATE = """\
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data_file}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+metadata:
+  version: 1.0
+"""
+
+
+def write_lm_eval_task(text: str, output_dir: str | Path, name: str = "hf_yoco_ppl", max_docs: int = 100) -> Path:
+    """Write a local lm-evaluation-harness task: `<name>.jsonl` (one paragraph per document) and `<name>.yaml`
+    (rolling log-likelihood: word/byte perplexity, bits per byte). Run it with
+
+        lm_eval --model hf --model_args pretrained=<model dir>,trust_remote_code=True,dtype=float32 \\
+            --include_path <output_dir> --tasks <name> --device cpu
+
+    Returns the task folder. No data comes from the Hub.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paragraphs = [p.strip() for p in text.split("\n\n") if len(p.strip().split()) >= 20][:max_docs]
+    if not paragraphs:
+        raise ValueError("`text` has no paragraph of 20 words or more to evaluate on.")
+    data_file = output_dir / f"{name}.jsonl"
+    data_file.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
+    (output_dir / f"{name}.yaml").write_text(LM_EVAL_TASK_TEMPLATE.format(name=name, data_file=data_file.resolve()))
+    return output_dir
+
+
+def add_lm_eval_task_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--text", default="shakespeare:the-tempest", help="a text file, 'austen', or 'shakespeare:<play>'"
+    )
+    parser.add_argument("--output-dir", default="outputs/lm_eval_task")
+    parser.add_argument("--name", default="hf_yoco_ppl")
+    parser.add_argument("--max-docs", type=int, default=100)
+    parser.add_argument("--data-dir", help="where corpora are built (default: $HF_YOCO_DATA_DIR or ./data)")
+
+
+def run_lm_eval_task(args: argparse.Namespace) -> int:
+    folder = write_lm_eval_task(_read_text(args.text, args.data_dir), args.output_dir, args.name, args.max_docs)
+    print(
+        f"wrote {folder}/{args.name}.yaml and .jsonl; run:\n  lm_eval --model hf --model_args "
+        f"pretrained=<model dir>,trust_remote_code=True,dtype=float32 --include_path {folder} --tasks {args.name} "
+        "--device cpu"
+    )
+    return 0
