@@ -75,7 +75,8 @@ def test_remote_code_load_without_package(tmp_path, name):
     remote = torch.load(tmp_path / "out.pt")
     assert remote["module"].startswith("transformers_modules.")
     with torch.no_grad():
-        torch.testing.assert_close(remote["logits"], model(inputs).logits, atol=0, rtol=0)
+        # Same weights and code path; only the reduction order may differ between processes (thread counts).
+        torch.testing.assert_close(remote["logits"], model(inputs).logits, atol=1e-5, rtol=0)
         assert torch.equal(
             remote["generated"], model.generate(inputs, max_new_tokens=6, do_sample=False, pad_token_id=0)
         )

@@ -156,3 +156,9 @@ def test_cli_train_learns(tmp_path):
     assert (tmp_path / "checkpoint-20").is_dir() and (tmp_path / "final" / "tokenizer.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     assert model.config.self_decoder_type == "sliding_window"
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "final" / "README.md")  # the model card carries the run's eval results
+    metrics = {m["type"]: m["value"] for m in card.data.to_dict()["model-index"][0]["results"][0]["metrics"]}
+    assert metrics["eval_loss"] == pytest.approx(summary["eval_loss_after"])
+    assert "20 steps of the stock `Trainer`" in card.text

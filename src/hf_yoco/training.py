@@ -246,6 +246,22 @@ def train(
         world_size=targs.world_size,
         rank=targs.process_index,
     )
+    if targs.process_index == 0 and not args.lora:  # a LoRA run's final/ holds the adapter and PEFT's own card
+        from hf_yoco.hub import create_model_card
+
+        corpus = f"shakespeare:{args.plays}"
+        card = create_model_card(
+            trainer.model,
+            datasets=[corpus],
+            eval_results={"eval_loss": after, "perplexity": summary["eval_ppl_after"]},
+            eval_dataset=corpus,
+            training_summary=(
+                f"{summary['global_step']} steps of the stock `Trainer` on {corpus} ({len(dataset['train'])} blocks "
+                f"of {args.block_size} tokens); eval loss {before:.3f} -> {after:.3f} on {len(dataset['test'])} "
+                "held-out blocks."
+            ),
+        )
+        card.save(final_dir / "README.md")
     out = Path(args.output_dir)
     name = "summary.json" if targs.world_size == 1 else f"summary_rank{targs.process_index}.json"
     if targs.world_size > 1 or targs.process_index == 0:
