@@ -4,6 +4,6 @@ Only the PyTorch references are exported here (no triton import); the Triton ent
 (`chunk_gated_retention`, training / prefill) and `fused_recurrent.py` (`fused_recurrent_gated_retention`, decode).
 """
 
-from .naive import naive_parallel_gated_retention, naive_recurrent_gated_retention
+from .naive import naive_recurrent_gated_retention
 
-__all__ = ["naive_parallel_gated_retention", "naive_recurrent_gated_retention"]
+__all__ = ["naive_recurrent_gated_retention"]

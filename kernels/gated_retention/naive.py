@@ -57,37 +57,3 @@ def naive_recurrent_gated_retention(
         outputs.append((q[:, t, :, None, :] @ state).squeeze(-2))  # [B, H, V]
     out = torch.stack(outputs, dim=1) if outputs else v.new_zeros(v.shape)  # [B, T, H, V]
     return out.to(dtype), state if output_final_state else None
-
-
-def naive_parallel_gated_retention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    scale: float | None = None,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Quadratic form `O = scale * ((Q K^T) * D) V + scale * (Q * exp(G)) S_0`, `D_ij = exp(G_i - G_j) [j <= i]`.
-
-    Same arguments and shapes as `naive_recurrent_gated_retention` (no `cu_seqlens`); fast for short T.
-    """
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    dtype = v.dtype
-    q, k, v = (x.transpose(1, 2).float() for x in (q, k, v))  # [B, H, T, D]
-    q = q * scale
-    g_cum = g.transpose(1, 2).float().cumsum(-1)  # [B, H, T]
-    length = g_cum.shape[-1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-    decay = (g_cum[..., :, None] - g_cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # [B, H, T, T]
-    out = ((q @ k.transpose(-1, -2)) * decay) @ v
-    if initial_state is not None:
-        out = out + (q * g_cum[..., None].exp()) @ initial_state.float()
-    final_state = None
-    if output_final_state:
-        g_last = g_cum[..., -1:]  # [B, H, 1]
-        final_state = (k * (g_last - g_cum)[..., None].exp()).transpose(-1, -2) @ v  # [B, H, K, V]
-        if initial_state is not None:
-            final_state = final_state + g_last[..., None].exp() * initial_state.float()
-    return out.transpose(1, 2).to(dtype), final_state

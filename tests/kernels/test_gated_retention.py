@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from _testing import DEVICE, assert_close, requires_triton
 
-from hf_yoco.kernels.gated_retention import naive_parallel_gated_retention, naive_recurrent_gated_retention
+from hf_yoco.kernels.gated_retention import naive_recurrent_gated_retention
 
 requires_triton()
 
@@ -120,12 +120,18 @@ def test_varlen_matches_per_sequence(entry):
     assert_close("o[seq 1]", o1[:, : lengths[1]], tri[0][:, bos : bos + lengths[1]].detach())
 
 
-def test_naive_parallel_matches_recurrent():
+def test_reference_matches_the_model_torch_forms():
+    """The kernels' reference is the model's PyTorch path: its parallel and chunkwise forms (keys and initial state
+    pre-scaled, as YOCO calls them) give the same outputs and states."""
+    from hf_yoco.models.modeling_yoco import chunk_gated_retention, parallel_gated_retention
+
     q, k, v, g, h0 = make_inputs(2, 17, 2, 8, 8, True)
-    a = naive_recurrent_gated_retention(q, k, v, g, None, h0, True)
-    b = naive_parallel_gated_retention(q, k, v, g, None, h0, True)
-    assert_close("o", a[0], b[0], 1e-5)
-    assert_close("ht", a[1], b[1], 1e-5)
+    scale = q.shape[-1] ** -0.5
+    ref_o, ref_ht = naive_recurrent_gated_retention(q, k, v, g, None, h0, True)
+    for form in (parallel_gated_retention, lambda *a: chunk_gated_retention(*a[:4], 4, *a[4:])):
+        o, ht = form(q, k * scale, v, g, h0 * scale, True)
+        assert_close("o", ref_o, o, 1e-5)
+        assert_close("ht", ref_ht * scale, ht, 1e-5)
 
 
 def test_rejects_bad_shapes():
