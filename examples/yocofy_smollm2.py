@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from hf_yoco.convert import yocofy_llama
 from hf_yoco.data import build_shakespeare_corpus
+from hf_yoco.evaluation import sliding_window_perplexity
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -44,24 +44,6 @@ def load_smollm2() -> tuple[LlamaForCausalLM, object]:
     model = LlamaForCausalLM(config)
     model.load_state_dict(gguf_model.state_dict())
     return model.eval(), tokenizer
-
-
-@torch.no_grad()
-def perplexity(model, ids: torch.Tensor, window: int, stride: int) -> float:
-    """Sliding-window perplexity: each window scores only the tokens the previous one did not."""
-    nll, count, previous_end = 0.0, 0, 0
-    for start in range(0, ids.numel() - 1, stride):
-        end = min(start + window, ids.numel())
-        chunk = ids[start:end][None]
-        labels = chunk.clone()
-        labels[:, : max(previous_end - start, 0)] = -100  # tokens the previous window already scored
-        scored = int((labels[:, 1:] != -100).sum())
-        nll += model(chunk, labels=labels).loss.item() * scored
-        count += scored
-        previous_end = end
-        if end == ids.numel():
-            break
-    return math.exp(nll / count)
 
 
 def fine_tune(model, ids: torch.Tensor, steps: int, seq_len: int, batch: int, lr: float) -> list[float]:
@@ -105,15 +87,17 @@ def main() -> None:
     stride = args.eval_window // 2
 
     results = {"config": vars(args), "eval_text": "the-tempest", "train_text": "macbeth+othello+king-lear"}
-    results["smollm2_ppl"] = perplexity(llama, eval_ids, args.eval_window, stride)
+    results["smollm2_ppl"] = sliding_window_perplexity(llama, eval_ids, args.eval_window, stride)["perplexity"]
     print(f"SmolLM2-135M (Llama)        perplexity {results['smollm2_ppl']:.2f}")
     yoco = yocofy_llama(llama, "sliding_window", sliding_window=args.sliding_window).eval()
     del llama
-    results["yoco_converted_ppl"] = perplexity(yoco, eval_ids, args.eval_window, stride)
+    results["yoco_converted_ppl"] = sliding_window_perplexity(yoco, eval_ids, args.eval_window, stride)["perplexity"]
     print(f"YOCO-fied, before fine-tune perplexity {results['yoco_converted_ppl']:.2f}")
     losses = fine_tune(yoco, train_ids, args.steps, args.seq_len, args.batch, args.lr)
     results["train_loss_first_last"] = [losses[0], sum(losses[-5:]) / min(5, len(losses))]
-    results["yoco_finetuned_ppl"] = perplexity(yoco.eval(), eval_ids, args.eval_window, stride)
+    results["yoco_finetuned_ppl"] = sliding_window_perplexity(yoco.eval(), eval_ids, args.eval_window, stride)[
+        "perplexity"
+    ]
     print(f"YOCO-fied, after {args.steps} steps  perplexity {results['yoco_finetuned_ppl']:.2f}")
     results["seconds"] = time.perf_counter() - started
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -303,12 +303,14 @@ def chunk_gated_retention_bwd(
     return dq, dk, dv, dg, dh0
 
 
-class ChunkGatedRetentionFunction(torch.autograd.Function):
+class GatedRetentionFunction(torch.autograd.Function):
+    """Autograd for both Triton forwards (`forward_fn`: chunkwise or fused recurrent); one chunkwise backward."""
+
     @staticmethod
     @input_guard
-    def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
+    def forward(ctx, forward_fn, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
         g = g.float()
-        o, ht = chunk_gated_retention_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+        o, ht = forward_fn(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
         ctx.save_for_backward(q, k, v, g, initial_state, ht, cu_seqlens)
         ctx.scale = scale
         return o, ht
@@ -318,7 +320,7 @@ class ChunkGatedRetentionFunction(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, g, initial_state, ht, cu_seqlens = ctx.saved_tensors
         dq, dk, dv, dg, dh0 = chunk_gated_retention_bwd(q, k, v, g, do, dht, ctx.scale, initial_state, ht, cu_seqlens)
-        return dq.to(q.dtype), dk.to(k.dtype), dv, dg, None, dh0, None, None
+        return None, dq.to(q.dtype), dk.to(k.dtype), dv, dg, None, dh0, None, None
 
 
 def check_inputs(
@@ -384,4 +386,6 @@ def chunk_gated_retention(
         scale = q.shape[-1] ** -0.5
     if initial_state is not None:
         initial_state = initial_state.float()
-    return ChunkGatedRetentionFunction.apply(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+    return GatedRetentionFunction.apply(
+        chunk_gated_retention_fwd, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens
+    )

@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import input_guard, next_power_of_2
-from .chunk import check_inputs, chunk_gated_retention_bwd
+from ..utils import next_power_of_2
+from .chunk import GatedRetentionFunction, check_inputs
 
 
 @triton.jit
@@ -92,24 +92,6 @@ def fused_recurrent_gated_retention_fwd(
     return o, ht
 
 
-class FusedRecurrentGatedRetentionFunction(torch.autograd.Function):
-    @staticmethod
-    @input_guard
-    def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
-        g = g.float()
-        o, ht = fused_recurrent_gated_retention_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
-        ctx.save_for_backward(q, k, v, g, initial_state, ht, cu_seqlens)
-        ctx.scale = scale
-        return o, ht
-
-    @staticmethod
-    @input_guard
-    def backward(ctx, do, dht):
-        q, k, v, g, initial_state, ht, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv, dg, dh0 = chunk_gated_retention_bwd(q, k, v, g, do, dht, ctx.scale, initial_state, ht, cu_seqlens)
-        return dq.to(q.dtype), dk.to(k.dtype), dv, dg, None, dh0, None, None
-
-
 def fused_recurrent_gated_retention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -140,4 +122,6 @@ def fused_recurrent_gated_retention(
         scale = q.shape[-1] ** -0.5
     if initial_state is not None:
         initial_state = initial_state.float()
-    return FusedRecurrentGatedRetentionFunction.apply(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+    return GatedRetentionFunction.apply(
+        fused_recurrent_gated_retention_fwd, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens
+    )

@@ -59,11 +59,8 @@ from .modeling_common import (
     RotaryEmbedding,
     apply_rotary_pos_emb,
     attention_forward,
+    tensor_bytes,
 )
-
-
-def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -240,10 +237,10 @@ class BlockTransformerCache(Cache):
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held: `block_decoder_kv`, `token_decoder_kv` (local), `pending_tokens`, `bookkeeping`, `total`."""
-        block_kv = sum(_tensor_bytes(layer.keys, layer.values) for layer in self.block_layers)
-        local_kv = sum(_tensor_bytes(layer.keys, layer.values) for layer in self.local_layers)
-        pending = _tensor_bytes(self.pending_tokens)
-        bookkeeping = _tensor_bytes(self.num_tokens)
+        block_kv = sum(tensor_bytes(layer.keys, layer.values) for layer in self.block_layers)
+        local_kv = sum(tensor_bytes(layer.keys, layer.values) for layer in self.local_layers)
+        pending = tensor_bytes(self.pending_tokens)
+        bookkeeping = tensor_bytes(self.num_tokens)
         return {
             "block_decoder_kv": block_kv,
             "token_decoder_kv": local_kv,

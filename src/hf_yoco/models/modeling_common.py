@@ -28,6 +28,11 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes held by the given tensors (None and non-tensors count 0); used by the caches' `memory_bytes()`."""
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm. Computes in fp32 and casts back before the (optional) weight, like `LlamaRMSNorm`."""
 

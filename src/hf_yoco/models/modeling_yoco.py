@@ -44,6 +44,7 @@ from .modeling_common import (
     apply_rotary_pos_emb,
     attention_forward,
     kernel_op,
+    tensor_bytes,
 )
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -150,10 +151,6 @@ SLIDING_WINDOW_MIN_CHUNK = 512  # smallest self-decoder chunk used for block-spa
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-
-
 class YocoGlobalKVLayer(DynamicLayer):
     """The "store" layer holding the global K/V. Appends in place into a buffer with `growth` spare positions, so a
     decode step writes one row instead of copying the whole cache (`DynamicLayer` concatenates, O(N) per step).
@@ -200,7 +197,7 @@ class YocoGlobalKVLayer(DynamicLayer):
 
     def reserved_bytes(self) -> int:
         """Bytes allocated for the global K/V, spare positions included."""
-        return _tensor_bytes(self._key_buffer, self._value_buffer) if self._key_buffer is not None else 0
+        return tensor_bytes(self._key_buffer, self._value_buffer) if self._key_buffer is not None else 0
 
 
 class YocoCache(DynamicCache):
@@ -235,10 +232,10 @@ class YocoCache(DynamicCache):
         self_decoder = 0
         for layer in self.layers[: self.num_self_decoder_layers]:
             if isinstance(layer, LinearAttentionCacheLayerMixin):
-                self_decoder += _tensor_bytes(*layer.recurrent_states.values(), *layer.conv_states.values())
+                self_decoder += tensor_bytes(*layer.recurrent_states.values(), *layer.conv_states.values())
             else:
-                self_decoder += _tensor_bytes(layer.keys, layer.values)
-        global_kv = _tensor_bytes(*self.global_key_values)
+                self_decoder += tensor_bytes(layer.keys, layer.values)
+        global_kv = tensor_bytes(*self.global_key_values)
         layer = self.layers[self.global_kv_layer_idx]
         reserved = layer.reserved_bytes() if isinstance(layer, YocoGlobalKVLayer) else global_kv
         return {
