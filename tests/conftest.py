@@ -3,6 +3,12 @@ import os
 import pytest
 import torch
 
+# Triton kernels (hf_yoco's and Liger's) run on CPU CI through the Triton interpreter. The variable must be set before
+# any kernel is decorated, i.e. before `import hf_yoco` imports liger-kernel, so it is set here, first, and only when
+# no CUDA device is present. It changes nothing else: with `kernel_backend="auto"` CPU tensors stay on PyTorch, and
+# Liger's kernels only run in models patched with `apply_liger_kernel_to_hf_yoco`.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # Never reach the Hub from tests; a fresh HF_HOME per session hides no developer cache.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

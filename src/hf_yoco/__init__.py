@@ -9,7 +9,7 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .integrations import register_peft
+from .integrations import register_liger, register_peft
 from .models.configuration_block_transformer import BlockTransformerConfig
 from .models.configuration_yoco import YocoConfig
 from .models.modeling_block_transformer import (
@@ -35,6 +35,7 @@ for _config, _base, _causal_lm in (
     _base.register_for_auto_class("AutoModel")
     _causal_lm.register_for_auto_class("AutoModelForCausalLM")
 register_peft()  # default LoRA target modules for both model types (only if peft is installed)
+register_liger()  # `use_liger_kernel=True` / AutoLigerKernelForCausalLM for both model types (if liger is installed)
 
 __all__ = [
     "BlockTransformerCache",

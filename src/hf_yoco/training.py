@@ -162,6 +162,7 @@ def training_arguments(args: argparse.Namespace, **overrides: Any):
         dataloader_num_workers=0,
         bf16=args.bf16,
         disable_tqdm=args.no_progress,
+        use_liger_kernel=args.liger_kernel,
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
@@ -307,6 +308,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--max-eval-samples", type=int, default=0)
     t.add_argument("--activation-checkpointing", action="store_true", help="recompute layer activations")
     t.add_argument("--bf16", action="store_true")
+    t.add_argument(
+        "--liger-kernel",
+        action="store_true",
+        help="Liger's fused RMSNorm/SwiGLU/RoPE and fused linear cross-entropy (TrainingArguments.use_liger_kernel; "
+        "needs `pip install 'hf-yoco[liger]'` and a CUDA GPU)",
+    )
     t.add_argument("--cpu", action="store_true", help="force CPU even if CUDA is available")
     t.add_argument("--no-eval-before", dest="eval_before", action="store_false", help="skip the initial eval")
     t.add_argument("--no-progress", action="store_true", help="no tqdm bars (logs only)")

@@ -12,7 +12,7 @@ from transformers import AutoModel, AutoModelForCausalLM, DynamicCache, LlamaCon
 from transformers.cache_utils import LinearAttentionLayer
 
 from hf_yoco import YocoCache, YocoConfig, YocoForCausalLM, YocoModel
-from hf_yoco.models.modeling_common import RotaryEmbedding, apply_rotary_pos_emb
+from hf_yoco.models.modeling_common import RotaryEmbedding, apply_rotary
 from hf_yoco.models.modeling_yoco import (
     chunk_gated_retention,
     parallel_gated_retention,
@@ -496,7 +496,7 @@ def test_official_numerics_switch():
     # Interleaved pairs: (x[2i], x[2i+1]) rotate together by position * inv_freq[i].
     x = torch.randn(1, 1, 3, config.head_dim)
     cos, sin = rotary(x, torch.arange(3)[None])
-    rotated = apply_rotary_pos_emb(x, cos, sin, interleaved=True)
+    rotated = apply_rotary(x, cos, sin, interleaved=True)
     angle = 2 * rotary.inv_freq[1]  # position 2, pair 1
     x0, x1 = x[0, 0, 2, 2], x[0, 0, 2, 3]
     torch.testing.assert_close(rotated[0, 0, 2, 2], x0 * angle.cos() - x1 * angle.sin())

@@ -59,6 +59,7 @@ from .modeling_common import (
     RotaryEmbedding,
     apply_rotary_pos_emb,
     attention_forward,
+    causal_lm_head_and_loss,
     tensor_bytes,
 )
 
@@ -336,7 +337,7 @@ class BlockTransformerAttention(nn.Module):
         key = self.k_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, cos, sin), apply_rotary_pos_emb(key, cos, sin)
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx, **(cache_kwargs or {}))
         dropout = self.attention_dropout if self.training else 0.0
@@ -764,10 +765,13 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        skip_logits: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Causal-LM forward. `labels` are the input ids (-100 = ignored); the loss is the usual shifted
-        cross-entropy (`self.loss_function`, which honours Trainer's `num_items_in_batch`)."""
+        cross-entropy (`self.loss_function`, which honours Trainer's `num_items_in_batch`). `skip_logits=True`
+        returns only the loss; None skips the logits only when training with labels and a fused linear
+        cross-entropy is installed (`hf_yoco.integrations.apply_liger_kernel_to_hf_yoco`)."""
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -778,10 +782,7 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
-        logits = self.lm_head(outputs.last_hidden_state)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        loss, logits = causal_lm_head_and_loss(self, outputs.last_hidden_state, labels, skip_logits, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
 
 

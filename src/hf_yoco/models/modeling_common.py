@@ -6,13 +6,15 @@ files import it as a flat sibling (`from .modeling_common import ...`), the only
 - `RMSNorm`: Llama-convention RMSNorm (normalize in fp32, cast back, then scale); `elementwise_affine=False` gives
   the weight-less per-head norm of gated retention.
 - `GatedMLP`: SwiGLU feed-forward with Llama names (`gate_proj`, `up_proj`, `down_proj`).
-- `RotaryEmbedding` / `apply_rotary_pos_emb`: RoPE with transformers' `rope_parameters` (default, linear, dynamic,
+- `RotaryEmbedding` / `apply_rotary` (one tensor) / `apply_rotary_pos_emb` (query and key): RoPE with transformers' `rope_parameters` (default, linear, dynamic,
   yarn, ...), partial rotary, and the official YOCO variant (`theta ** -linspace(0, 1, d/2)` frequencies,
   interleaved GPT-J pairs).
 - `eager_attention_forward` / `attention_forward`: the attention glue that dispatches through transformers'
   attention interface (`config._attn_implementation`: eager, sdpa, flash_attention_2, ...).
 - `kernel_op`: the `config.kernel_backend` switch ("auto" | "torch" | "triton") to hf_yoco's Triton kernels, imported
   under a guard so the file still works without hf_yoco installed.
+- `causal_lm_head_and_loss`: LM head + shifted cross-entropy of both models, with `skip_logits` and the hook for a
+  fused linear cross-entropy (Liger, through `hf_yoco.integrations`) that never materialises the logits.
 - `HfYocoModelMixin`: model-card `push_to_hub` and attention-implementation switching for both models.
 """
 
@@ -135,7 +137,7 @@ def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((-x_odd, x_even), dim=-1).flatten(-2)
 
 
-def apply_rotary_pos_emb(
+def apply_rotary(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False, unsqueeze_dim: int = 1
 ) -> torch.Tensor:
     """Rotate `x` with `cos`/`sin` of shape `[B, T, R]` (R <= D; the remaining channels pass through).
@@ -148,6 +150,24 @@ def apply_rotary_pos_emb(
     rotate = rotate_every_two if interleaved else rotate_half
     x_rot = x_rot * cos + rotate(x_rot) * sin
     return x_rot if x_pass.shape[-1] == 0 else torch.cat((x_rot, x_pass), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleaved: bool = False,
+    unsqueeze_dim: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate query and key together (transformers' signature plus `interleaved`); see `apply_rotary` for shapes.
+
+    The model files call this pair form through their module global, which is what Liger's fused RoPE replaces
+    (`hf_yoco.integrations.apply_liger_kernel_to_hf_yoco`).
+    """
+    return apply_rotary(query, cos, sin, interleaved, unsqueeze_dim), apply_rotary(
+        key, cos, sin, interleaved, unsqueeze_dim
+    )
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -246,6 +266,35 @@ def sdpa_grouped_query_decode(
     grouped = query.view(batch, key.shape[1], heads // key.shape[1], dim)  # [B, H_kv, G, D]; head h = kv * G + g
     output = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
     return output.reshape(batch, heads, 1, dim).transpose(1, 2)  # [B, 1, H, D]
+
+
+def causal_lm_head_and_loss(
+    model: nn.Module,
+    hidden_states: torch.Tensor,
+    labels: torch.Tensor | None,
+    skip_logits: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`(loss, logits)` of a causal LM from its last hidden states; the loss is the shifted cross-entropy.
+
+    `skip_logits` follows transformers' Liger convention: True returns no logits (Trainer sends it with
+    `use_liger_kernel` for loss-only evaluation); None skips them when training with labels and a fused linear
+    cross-entropy is installed on the model (`model._fused_linear_cross_entropy`, set by
+    `hf_yoco.integrations.apply_liger_kernel_to_hf_yoco`), which computes the loss from the hidden states without
+    materialising `[B, T, vocab]` logits. `kwargs` reach the loss (`num_items_in_batch`, `ignore_index`, ...).
+    """
+    fused_loss = getattr(model, "_fused_linear_cross_entropy", None)
+    if skip_logits is None:
+        skip_logits = fused_loss is not None and model.training and labels is not None
+    if skip_logits and labels is None:
+        raise ValueError("`skip_logits=True` needs `labels`: logits are only skipped when the loss is computed.")
+    if skip_logits and fused_loss is not None:
+        return fused_loss(model, hidden_states, labels, **kwargs), None
+    logits = model.lm_head(hidden_states)
+    loss = None
+    if labels is not None:
+        loss = model.loss_function(logits=logits, labels=labels, vocab_size=model.config.vocab_size, **kwargs)
+    return loss, None if skip_logits else logits
 
 
 # ---------------------------------------------------------------------------------------------------------------------

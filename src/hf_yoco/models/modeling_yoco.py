@@ -41,8 +41,10 @@ from .modeling_common import (
     HfYocoModelMixin,
     RMSNorm,
     RotaryEmbedding,
+    apply_rotary,
     apply_rotary_pos_emb,
     attention_forward,
+    causal_lm_head_and_loss,
     kernel_op,
     tensor_bytes,
 )
@@ -336,8 +338,7 @@ class YocoSlidingWindowAttention(nn.Module):
         key = self.k_proj(hidden_states).view(shape).transpose(1, 2)  # [B, H_kv, T, D]
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
-        query = apply_rotary_pos_emb(query, cos, sin, self.config.official_numerics)
-        key = apply_rotary_pos_emb(key, cos, sin, self.config.official_numerics)
+        query, key = apply_rotary_pos_emb(query, key, cos, sin, self.config.official_numerics)
         if past_key_values is not None:  # cached last W-1 keys + the new ones
             key, value = past_key_values.update(key, value, self.layer_idx)
         attn_output, attn_weights = attention_forward(
@@ -394,8 +395,8 @@ class YocoGatedRetention(nn.Module):
         key = self.k_proj(hidden_states).view(shape)
         value = self.v_proj(hidden_states).view(shape)
         cos, sin = position_embeddings
-        query = apply_rotary_pos_emb(query, cos, sin, self.config.official_numerics, unsqueeze_dim=2)
-        key = apply_rotary_pos_emb(key, cos, sin, self.config.official_numerics, unsqueeze_dim=2) * self.head_dim**-0.5
+        query, key = apply_rotary_pos_emb(query, key, cos, sin, self.config.official_numerics, unsqueeze_dim=2)
+        key = key * self.head_dim**-0.5
         log_decay = F.logsigmoid(self.gt_proj(hidden_states).float()) / self.gate_logit_normalizer  # [B, T, H]
         if attention_mask is not None:  # 2D padding mask [B, T]: no input and no decay on padded positions
             keep = attention_mask.to(log_decay.dtype)[..., None]  # [B, T, 1]
@@ -445,7 +446,7 @@ class YocoGlobalKV(nn.Module):
         key = self.k_proj(hidden_states).view(shape).transpose(1, 2)  # [B, H_kv, T, D]
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
-        key = apply_rotary_pos_emb(key, cos, sin, self.config.official_numerics)  # RoPE once, before caching
+        key = apply_rotary(key, cos, sin, self.config.official_numerics)  # RoPE once, before caching
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, layer_idx)  # -> all N positions so far
         return key, value
@@ -476,7 +477,7 @@ class YocoCrossAttention(nn.Module):
         batch, length, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         cos, sin = position_embeddings
-        query = apply_rotary_pos_emb(query, cos, sin, self.config.official_numerics)
+        query = apply_rotary(query, cos, sin, self.config.official_numerics)
         key, value = global_key_values
         attn_output, attn_weights = attention_forward(
             self,
@@ -800,6 +801,7 @@ class YocoForCausalLM(YocoPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        skip_logits: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -809,6 +811,9 @@ class YocoForCausalLM(YocoPreTrainedModel, GenerationMixin):
         logits_to_keep (`int` or `torch.Tensor`, defaults to 0):
             An int k keeps the logits of the last k positions, and the cross-decoder then only runs on those
             (prefill early exit); a 1D tensor keeps those sequence indices.
+        skip_logits (`bool`, *optional*):
+            True returns no logits (only the loss; needs `labels`). None skips them only when training with labels
+            and a fused linear cross-entropy is installed (`hf_yoco.integrations.apply_liger_kernel_to_hf_yoco`).
 
         Example:
 
@@ -833,10 +838,7 @@ class YocoForCausalLM(YocoPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        loss, logits = causal_lm_head_and_loss(self, hidden_states, labels, skip_logits, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
