@@ -83,3 +83,35 @@ def input_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
 def next_power_of_2(n: int, minimum: int = 16) -> int:
     """Smallest power of two >= max(n, minimum) (`tl.dot` needs tile sides >= 16)."""
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def patch_triton_interpreter_for_liger() -> Callable[[], None]:
+    """Let the Triton interpreter run Liger-Kernel's RMSNorm / SwiGLU as compiled Triton does; returns an undo.
+
+    Tests and `benchmarks/kernels.py --smoke` only: the models never call this. Compiled Triton passes Python-float
+    kernel arguments as fp32 scalars and lowers `libdevice.rsqrt`; triton 3.9's interpreter passes plain floats (Liger
+    calls `eps.to(tl.float32)`) and has no libdevice, so without these two patches Liger's RMSNorm and SwiGLU kernels
+    fail in the interpreter only. Does nothing (and the undo is a no-op) unless `TRITON_INTERPRET=1`. Imports triton
+    and liger-kernel when it patches.
+    """
+    if not is_interpreter():
+        return lambda: None
+    import numpy as np
+    import triton.language as tl
+    from liger_kernel.ops import rms_norm
+    from triton.runtime import interpreter
+
+    implicit_cvt, rsqrt = interpreter._implicit_cvt, rms_norm.rsqrt
+
+    def float_as_fp32_scalar(arg: Any) -> Any:
+        if isinstance(arg, float):
+            return tl.tensor(interpreter.TensorHandle(np.array([arg], dtype=np.float32), tl.float32), tl.float32)
+        return implicit_cvt(arg)
+
+    interpreter._implicit_cvt = float_as_fp32_scalar
+    rms_norm.rsqrt = lambda x: tl.math.rsqrt(x)  # looked up while the interpreter patches tl
+
+    def undo() -> None:
+        interpreter._implicit_cvt, rms_norm.rsqrt = implicit_cvt, rsqrt
+
+    return undo

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 import hf_yoco
 from hf_yoco import integrations
 from hf_yoco.integrations import LIGER_MODEL_TYPES, apply_liger_kernel_to_hf_yoco
+from hf_yoco.kernels.utils import patch_triton_interpreter_for_liger
 from hf_yoco.models import modeling_block_transformer, modeling_common, modeling_yoco
 
 liger_functional = pytest.importorskip("liger_kernel.transformers.functional")
@@ -29,29 +30,14 @@ LIGER_OPS = ("liger_rms_norm", "liger_swiglu", "liger_rope", "liger_cross_entrop
 
 
 @pytest.fixture(autouse=True)
-def interpreter_like_compiled_triton(monkeypatch):
-    """Make triton 3.9's interpreter run Liger's RMSNorm as compiled Triton does (CPU only).
+def interpreter_like_compiled_triton():
+    """Make triton 3.9's interpreter run Liger's RMSNorm / SwiGLU as compiled Triton does (CPU only; undone after).
 
-    Compiled Triton passes Python-float kernel arguments as fp32 scalars and lowers `libdevice.rsqrt`; the interpreter
-    passes plain floats (Liger calls `eps.to(tl.float32)`) and has no libdevice, so without this the RMSNorm and SwiGLU
-    kernels fail in the interpreter only.
+    See `hf_yoco.kernels.utils.patch_triton_interpreter_for_liger` (shared with `benchmarks/kernels.py --smoke`).
     """
-    if torch.cuda.is_available():
-        return
-    import numpy as np
-    import triton.language as tl
-    from liger_kernel.ops import rms_norm
-    from triton.runtime import interpreter
-
-    implicit_cvt = interpreter._implicit_cvt
-
-    def float_as_fp32_scalar(arg):
-        if isinstance(arg, float):
-            return tl.tensor(interpreter.TensorHandle(np.array([arg], dtype=np.float32), tl.float32), tl.float32)
-        return implicit_cvt(arg)
-
-    monkeypatch.setattr(interpreter, "_implicit_cvt", float_as_fp32_scalar)
-    monkeypatch.setattr(rms_norm, "rsqrt", lambda x: tl.math.rsqrt(x))  # looked up while the interpreter patches tl
+    undo = patch_triton_interpreter_for_liger()
+    yield
+    undo()
 
 
 @pytest.fixture(autouse=True)
