@@ -24,13 +24,19 @@ def gated_retention(
     g: torch.Tensor,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """YOCO's gRet (keys pre-scaled, so scale=1): q/k `[B, T, H, K]`, v `[B, T, H, V]`, g `[B, T, H]` -> o, state."""
+    """YOCO's gRet (keys pre-scaled, so scale=1): q/k `[B, T, H, K]`, v `[B, T, H, V]`, g `[B, T, H]` -> o, state.
+
+    `cu_seqlens` (`[S + 1]`, with `B = 1`): packed sequences, each from its own initial state (zero by default).
+    """
     if q.shape[1] <= FUSED_RECURRENT_MAX_LEN:
         from .gated_retention.fused_recurrent import fused_recurrent_gated_retention as fn
     else:
         from .gated_retention.chunk import chunk_gated_retention as fn
-    return fn(q, k, v, g, scale=1.0, initial_state=initial_state, output_final_state=output_final_state)
+    return fn(
+        q, k, v, g, scale=1.0, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
+    )
 
 
 def _mask_is_plain(mask: torch.Tensor, length: int, kv_length: int, window: int) -> bool:

@@ -701,3 +701,13 @@ print("REMOTE_OK")
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
     )
     assert "REMOTE_OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_packed_position_ids_are_refused():
+    """Packed sequences (position_ids restarting inside a row, no attention_mask) would silently mix: refused."""
+    model = tiny_model()
+    input_ids = torch.randint(1, 64, (1, 10))
+    position_ids = torch.cat([torch.arange(4), torch.arange(6)])[None]
+    with pytest.raises(ValueError, match="packed sequences"):
+        model(input_ids, position_ids=position_ids)
+    model(input_ids, position_ids=torch.arange(10)[None])  # plain positions are fine (and ignored)

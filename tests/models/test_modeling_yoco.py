@@ -218,6 +218,61 @@ def test_left_padding_never_reaches_the_retention_state():
         )
 
 
+def _packed(lengths, batch=1, vocab=64):
+    """`batch` rows, each packing sequences of `lengths`: (ids [B, N], position_ids [B, N], the sequences per row)."""
+    rows = [[torch.randint(1, vocab, (1, n)) for n in lengths] for _ in range(batch)]
+    ids = torch.cat([torch.cat(row, 1) for row in rows])
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None].expand(batch, -1)
+    return ids, position_ids, rows
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_packed_sequences_equal_each_sequence_alone(self_decoder_type, chunk):
+    """Padding-free batches: position_ids restarting inside a row isolate the sequences (window, retention state,
+    global K/V), in training and in eval (which then skips chunked prefill); gradients match too."""
+    model = tiny_model(self_decoder_type, self_decoder_chunk_size=chunk)
+    ids, position_ids, rows = _packed([5, 9, 1, 7], batch=2)  # 9 > retention chunk 4, > window 5
+    for training in (False, True):
+        model.train(training)
+        model.zero_grad()
+        packed = model(ids, position_ids=position_ids).logits
+        assert model(ids, position_ids=position_ids[:1]).logits.allclose(packed, atol=ATOL)  # [1, N] broadcast
+        weights = torch.randn_like(packed)
+        (packed * weights).sum().backward()
+        packed_grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        alone = torch.cat([torch.cat([model(seq).logits for seq in row], 1) for row in rows])
+        torch.testing.assert_close(packed, alone, atol=ATOL, rtol=0)
+        (alone * weights).sum().backward()
+        for packed_grad, param in zip(packed_grads, model.parameters(), strict=True):
+            torch.testing.assert_close(packed_grad, param.grad, atol=ATOL, rtol=1e-4)
+
+
+def test_data_collator_with_flattening_loss(self_decoder_type):
+    """transformers' `DataCollatorWithFlattening` (padding-free training): same loss as the sequences padded."""
+    from transformers import DataCollatorWithFlattening
+
+    model = tiny_model(self_decoder_type).train()
+    sequences = [torch.randint(1, 64, (n,)).tolist() for n in (6, 3, 8)]
+    batch = DataCollatorWithFlattening()([{"input_ids": seq} for seq in sequences])
+    packed_loss = model(**batch).loss
+    total, count = 0.0, 0
+    for seq in sequences:  # per-token cross-entropy of every sequence alone, averaged over all predicted tokens
+        ids = torch.tensor([seq])
+        logits = model(ids).logits[0, :-1]
+        total = total + torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
+        count += len(seq) - 1
+    torch.testing.assert_close(packed_loss, total / count, atol=ATOL, rtol=1e-5)
+
+
+def test_packed_sequences_refuse_a_cache():
+    model = tiny_model("gated_retention")
+    ids, position_ids, _ = _packed([3, 4])
+    with pytest.raises(ValueError, match="Packed sequences.*past_key_values"):
+        model(ids, position_ids=position_ids, past_key_values=YocoCache(config=model.config))
+    assert model(ids, position_ids=position_ids, use_cache=True).past_key_values is None
+
+
 # ---------------------------------------------------------------------------------------------- YOCO semantics
 
 
@@ -578,6 +633,21 @@ def test_block_sparse_window_prefill_equals_dense():
         hook.remove()
     assert seen == [512, 512, 76]
     torch.testing.assert_close(logits, dense(input_ids).logits, atol=ATOL, rtol=0)
+
+
+def test_backprop_through_chunked_prefill_and_cached_decoding(self_decoder_type):
+    """Gradients flow through the cache: eval-mode chunked prefill and token-by-token decoding give the gradients of
+    one full forward (the retention state is replaced, not copied in place, when it requires grad)."""
+    model = tiny_model(self_decoder_type, self_decoder_chunk_size=4)
+    input_ids = torch.randint(1, 64, (2, 13))
+    weights = torch.randn(2, 13, 64)
+    (model(input_ids, use_cache=False).logits * weights).sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    logits, _ = _incremental_logits(model, input_ids, 9)  # 9-token prefill in chunks of 4, then 4 decode steps
+    (logits * weights).sum().backward()
+    for grad, param in zip(expected, model.parameters(), strict=True):
+        torch.testing.assert_close(param.grad, grad, atol=ATOL, rtol=1e-4)
 
 
 def test_global_kv_appends_in_place_and_backprop_through_the_cache_works():

@@ -21,7 +21,8 @@ Padding and block boundaries: blocks are anchored at each row's *first real toke
 `attention_mask`), so a left-padded row computes exactly what it computes alone. Internally each row is rotated left
 by its number of pads; results are rotated back (outputs at pad positions are meaningless). Right padding (trailing
 zeros) is treated as ordinary tokens, which cannot affect earlier positions. `position_ids` are accepted for API
-compatibility but ignored: positions follow from the block structure. With a filled cache, new tokens are all real
+compatibility but ignored: positions follow from the block structure (packed `position_ids`, restarting inside a row
+without an `attention_mask`, raise a `ValueError`). With a filled cache, new tokens are all real
 (the per-row state lives in the cache) and `attention_mask` is not read. (The official generation instead left-pads
 prompts so they *end* on a block boundary; anchoring at the first real token keeps padded rows identical to
 unpadded ones and makes prompts of any length follow the training computation.)
@@ -45,6 +46,7 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation import GenerationMixin
 from transformers.initialization import copy_, normal_, zeros_
+from transformers.masking_utils import find_packed_sequence_indices
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
@@ -534,6 +536,17 @@ class BlockTransformerModel(BlockTransformerPreTrainedModel):
             raise ValueError(
                 f"`past_key_values` must be a BlockTransformerCache, got {type(past_key_values).__name__}."
             )
+        if (
+            attention_mask is None
+            and position_ids is not None
+            and position_ids.ndim == 2
+            and position_ids.shape[1] > 1
+        ):
+            if find_packed_sequence_indices(position_ids) is not None:  # never silently mix packed sequences
+                raise ValueError(
+                    "BlockTransformer does not support packed sequences (`position_ids` restarting inside a row): "
+                    "blocks are anchored at each row's first token. Pad the sequences and pass `attention_mask`."
+                )
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if use_cache and past_key_values is None:

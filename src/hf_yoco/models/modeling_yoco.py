@@ -25,8 +25,11 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, LinearAt
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS,
+    and_masks,
     causal_mask_function,
     create_sliding_window_causal_mask,
+    find_packed_sequence_indices,
+    packed_sequence_mask_function,
 )
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -151,6 +154,30 @@ SLIDING_WINDOW_MIN_CHUNK = 512  # smallest self-decoder chunk used for block-spa
 # --------------------------------------------------------------------------------------------------------------------
 # Cache
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def varlen_gated_retention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    """Packed sequences: q/k `[1, N, H, K]`, v `[1, N, H, V]`, g `[1, N, H]` holding the sequences delimited by
+    `cu_seqlens` (`[S + 1]`), each from a zero state. Unpacks to a right-padded `[S, T_max, ...]` batch (padding
+    k = v = 0, g = 0 leaves every state unchanged), runs the chunkwise form and packs the outputs back."""
+    lengths = cu_seqlens.diff()  # [S]
+    max_length = int(lengths.max())
+    valid = torch.arange(max_length, device=q.device)[None, :] < lengths[:, None]  # [S, T_max]
+
+    def unpack(x: torch.Tensor) -> torch.Tensor:
+        padded = x.new_zeros(len(lengths), max_length, *x.shape[2:])
+        padded[valid] = x[0]
+        return padded
+
+    out, _ = chunk_gated_retention(unpack(q), unpack(k), unpack(v), unpack(g), chunk_size)
+    return out[valid][None]  # [1, N, H, V]
 
 
 class YocoGlobalKVLayer(DynamicLayer):
@@ -292,6 +319,16 @@ def _get_recurrent_state(cache: Cache | None, layer_idx: int) -> torch.Tensor | 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Modules
+def _set_recurrent_state(cache: Cache, layer_idx: int, state: torch.Tensor) -> None:
+    """Store the retention state of `layer_idx`. transformers copies it in place (static addresses for CUDA graphs);
+    under autograd that would overwrite a tensor the backward still needs, so a state with grad replaces the old one."""
+    layer = cache.layers[layer_idx]
+    if state.requires_grad and layer.is_recurrent_states_initialized[0]:
+        layer.recurrent_states[0] = state
+    else:
+        cache.update_recurrent_state(state, layer_idx)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -387,8 +424,11 @@ class YocoGatedRetention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
+        """`cu_seqlens` (`[S + 1]`, packed sequences over the flattened `B * T` tokens): each sequence starts from a
+        zero state (no cache)."""
         batch, length, _ = hidden_states.shape
         shape = (batch, length, self.num_heads, self.head_dim)
         query = self.q_proj(hidden_states).view(shape)  # [B, T, H, D]
@@ -406,7 +446,16 @@ class YocoGatedRetention(nn.Module):
         state = _get_recurrent_state(past_key_values, self.layer_idx)
         want_state = past_key_values is not None
         triton_retention = kernel_op(self.config, query, "gated_retention")  # None: PyTorch path
-        if triton_retention is not None:
+        if cu_seqlens is not None:
+            packed = [
+                x.reshape(1, batch * length, *x.shape[2:]) for x in (query, key, value, log_decay)
+            ]  # [1, N, ...]
+            if triton_retention is not None:
+                out, _ = triton_retention(*packed, cu_seqlens=cu_seqlens)
+            else:
+                out = varlen_gated_retention(*packed, cu_seqlens, self.chunk_size)
+            out = out.view(batch, length, self.num_heads, -1)
+        elif triton_retention is not None:
             out, state = triton_retention(query, key, value, log_decay, state, want_state)
         elif length == 1:
             out, state = recurrent_gated_retention(query, key, value, log_decay, state, want_state)
@@ -415,7 +464,7 @@ class YocoGatedRetention(nn.Module):
         else:
             out, state = chunk_gated_retention(query, key, value, log_decay, self.chunk_size, state, want_state)
         if want_state:
-            past_key_values.update_recurrent_state(state, self.layer_idx)
+            _set_recurrent_state(past_key_values, self.layer_idx, state)
 
         out = self.norm(out).reshape(batch, length, -1)  # per-head norm, then [B, T, H * D]
         out = F.silu(self.g_proj(hidden_states)) * out
@@ -607,6 +656,38 @@ class YocoModel(YocoPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
+    def _packed_sequences(
+        self,
+        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+        batch_size: int,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`(sequence index per token [B, T], cu_seqlens over the flattened B * T tokens)` when `position_ids` restart
+        inside a row (packed sequences, transformers' rule: only without `attention_mask`), else `(None, None)`."""
+        if position_ids is None or attention_mask is not None or position_ids.ndim != 2 or position_ids.shape[1] < 2:
+            return None, None
+        position_ids = position_ids.expand(batch_size, -1)  # sometimes [1, T] for the whole batch
+        packed = find_packed_sequence_indices(position_ids)
+        if packed is None:
+            return None, None
+        if cache is not None:
+            raise ValueError(
+                "Packed sequences (`position_ids` restarting inside a row) cannot be combined with `past_key_values`: "
+                "each packed sequence would need its own cache. Pass `attention_mask` (padding) for cached inference."
+            )
+        if self.config._attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(
+                "Packed sequences need `attn_implementation` 'sdpa' or 'eager' (block-diagonal masks), got "
+                f"{self.config._attn_implementation!r}."
+            )
+        batch, length = position_ids.shape
+        starts = torch.diff(position_ids, dim=-1, prepend=position_ids[:, :1] - 1) != 1  # [B, T]
+        starts[:, 0] = True  # a sequence never spans two rows
+        total = torch.tensor([batch * length], device=position_ids.device)
+        cu_seqlens = torch.cat([starts.flatten().nonzero().flatten(), total])  # [S + 1]
+        return packed, cu_seqlens
+
     def _self_decoder_mask(
         self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None, position_ids
     ) -> torch.Tensor | None:
@@ -633,8 +714,10 @@ class YocoModel(YocoPreTrainedModel):
         kv_length: int,
         kv_offset: int,
         cache: Cache | None,
+        packed_sequences: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """Causal mask of the kept query rows (absolute positions `q_offset..`) over the global K/V, with padding."""
+        """Causal mask of the kept query rows (absolute positions `q_offset..`) over the global K/V, with padding;
+        with `packed_sequences` (`[B, T]` sequence index per token), block-diagonal per sequence."""
         if attention_mask is not None and attention_mask.ndim == 4:  # a custom 4D mask: keep its last rows
             return attention_mask[:, :, -hidden_states.shape[1] :, :]
         implementation = self.config._attn_implementation
@@ -643,15 +726,19 @@ class YocoModel(YocoPreTrainedModel):
         if attention_mask is not None:
             attention_mask = attention_mask.to(device=hidden_states.device, dtype=torch.bool)
         q_length = hidden_states.shape[1]
+        mask_function = causal_mask_function
+        if packed_sequences is not None:
+            mask_function = and_masks(causal_mask_function, packed_sequence_mask_function(packed_sequences))
         return ALL_MASK_ATTENTION_FUNCTIONS[implementation](
             batch_size=hidden_states.shape[0],
             q_length=q_length,
             kv_length=kv_length,
             q_offset=q_offset,
             kv_offset=kv_offset,
-            mask_function=causal_mask_function,
+            mask_function=mask_function,
             attention_mask=attention_mask,
-            allow_is_causal_skip=not (getattr(cache, "is_compileable", False) and q_length == 1),
+            allow_is_causal_skip=packed_sequences is None
+            and not (getattr(cache, "is_compileable", False) and q_length == 1),
             dtype=hidden_states.dtype,
             config=self.config,
             use_vmap=False,
@@ -676,9 +763,19 @@ class YocoModel(YocoPreTrainedModel):
             If > 0, the cross-decoder runs only on the last `logits_to_keep` positions (prefill early exit) and the
             returned `last_hidden_state` has that length. 0 runs it on every position. Ignored (all positions) when
             hidden states or attentions are requested.
+
+        Packed (padding-free) sequences, as from `DataCollatorWithFlattening`: `position_ids` that restart inside a row,
+        with no `attention_mask` and no `past_key_values`. Each sequence then sees only itself (window, retention
+        state and cross-attention all restart) and no cache is returned.
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        batch_size = (input_ids if inputs_embeds is None else inputs_embeds).shape[0]
+        packed_sequences, cu_seqlens = self._packed_sequences(
+            position_ids, attention_mask, past_key_values, batch_size
+        )
+        if packed_sequences is not None:
+            use_cache = False
         if use_cache and past_key_values is None:
             past_key_values = YocoCache(config=self.config)
         past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -702,6 +799,7 @@ class YocoModel(YocoPreTrainedModel):
             and length > chunk
             and not self.training
             and not outputs_requested
+            and packed_sequences is None
             and (attention_mask is None or attention_mask.ndim == 2)
         )
         cache = past_key_values
@@ -718,6 +816,9 @@ class YocoModel(YocoPreTrainedModel):
 
         # Self-decoder + global K/V, in chunks of at most `self_decoder_chunk_size` tokens at inference.
         self_rotary = self.retention_rotary_emb or self.rotary_emb
+        self_kwargs = dict(kwargs)
+        if cu_seqlens is not None and self.config.self_decoder_type == "gated_retention":
+            self_kwargs["cu_seqlens"] = cu_seqlens  # (the sliding-window mask is block-diagonal already)
         kept_states = []
         for start in range(0, length, chunk if chunked else length):
             end = min(start + chunk, length) if chunked else length
@@ -737,7 +838,7 @@ class YocoModel(YocoPreTrainedModel):
                     self_position_embeddings,
                     attention_mask=self_mask,
                     past_key_values=cache,
-                    **kwargs,
+                    **self_kwargs,
                 )
             kv_position_embeddings = (
                 self_position_embeddings
@@ -751,7 +852,7 @@ class YocoModel(YocoPreTrainedModel):
         # Cross-decoder on the last `keep` positions only.
         cross_position_ids = position_ids[:, -keep:]
         cross_mask = self._cross_attention_mask(
-            hidden_states, attention_mask, q_offset + length - keep, kv_length, kv_offset, cache
+            hidden_states, attention_mask, q_offset + length - keep, kv_length, kv_offset, cache, packed_sequences
         )
         cross_position_embeddings = self.rotary_emb(hidden_states, cross_position_ids)
         for layer in self.layers[self.num_self_decoder_layers :]:
