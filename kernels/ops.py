@@ -35,7 +35,14 @@ def gated_retention(
     else:
         from .gated_retention.chunk import chunk_gated_retention as fn
     return fn(
-        q, k, v, g, scale=1.0, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
+        q,
+        k,
+        v,
+        g,
+        scale=1.0,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
     )
 
 
