@@ -265,12 +265,15 @@ def test_data_collator_with_flattening_loss(self_decoder_type):
     torch.testing.assert_close(packed_loss, total / count, atol=ATOL, rtol=1e-5)
 
 
-def test_packed_sequences_refuse_a_cache():
+def test_packed_sequences_refuse_a_cache_and_flash_attention():
     model = tiny_model("gated_retention")
     ids, position_ids, _ = _packed([3, 4])
     with pytest.raises(ValueError, match="Packed sequences.*past_key_values"):
         model(ids, position_ids=position_ids, past_key_values=YocoCache(config=model.config))
     assert model(ids, position_ids=position_ids, use_cache=True).past_key_values is None
+    model.config._attn_implementation = "flash_attention_2"  # no block-diagonal mask there: refused, not mixed
+    with pytest.raises(ValueError, match="Packed sequences need `attn_implementation`"):
+        model(ids, position_ids=position_ids)
 
 
 # ---------------------------------------------------------------------------------------------- YOCO semantics
