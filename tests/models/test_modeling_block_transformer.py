@@ -711,3 +711,14 @@ def test_packed_position_ids_are_refused():
     with pytest.raises(ValueError, match="packed sequences"):
         model(input_ids, position_ids=position_ids)
     model(input_ids, position_ids=torch.arange(10)[None])  # plain positions are fine (and ignored)
+
+
+@pytest.mark.parametrize("name", ["output_hidden_states", "output_attentions"])
+def test_hidden_states_and_attentions_are_refused_not_dropped(name):
+    model = tiny_model()
+    input_ids = torch.randint(1, 64, (1, 9))
+    with pytest.raises(ValueError, match=name):
+        model(input_ids, **{name: True})
+    model.config.output_hidden_states = True  # also from the config
+    with pytest.raises(ValueError, match="output_hidden_states"):
+        model(input_ids)

@@ -536,6 +536,14 @@ class BlockTransformerModel(BlockTransformerPreTrainedModel):
             raise ValueError(
                 f"`past_key_values` must be a BlockTransformerCache, got {type(past_key_values).__name__}."
             )
+        for name in ("output_hidden_states", "output_attentions"):  # refused rather than silently returning None
+            if kwargs.get(name, getattr(self.config, name, False)):
+                raise ValueError(
+                    f"BlockTransformerModel does not return `{name.removeprefix('output_')}`: its block decoder and "
+                    f"token decoder run at different granularities (blocks vs tokens within a block). Set `{name}` "
+                    "to False; `last_hidden_state` (the token decoder's output) is returned, and forward hooks on "
+                    "`block_decoder.layers` / `token_decoder.layers` give per-layer states."
+                )
         if (
             attention_mask is None
             and position_ids is not None
