@@ -85,6 +85,19 @@ def next_power_of_2(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
+def warp_configs(warps: tuple[int, ...] = (2, 4, 8), stages: tuple[int, ...] = (1, 2, 3)) -> list[Any]:
+    """Autotune candidates for kernels whose tiles the algorithm fixes: only `num_warps` x `num_stages` vary.
+
+    Under `TRITON_INTERPRET=1` one default config (autotuning needs a GPU, and the interpreter ignores both).
+    Imports triton (call it from the kernel modules only).
+    """
+    import triton
+
+    if is_interpreter():
+        return [triton.Config({})]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in stages]
+
+
 def patch_triton_interpreter_for_liger() -> Callable[[], None]:
     """Let the Triton interpreter run Liger-Kernel's RMSNorm / SwiGLU as compiled Triton does; returns an undo.
 

@@ -11,10 +11,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import next_power_of_2
+from ..utils import next_power_of_2, warp_configs
 from .chunk import GatedRetentionFunction, check_inputs
 
 
+@triton.autotune(configs=warp_configs(), key=["H", "K", "V", "BK", "BV"])
 @triton.jit
 def fused_recurrent_gated_retention_fwd_kernel(
     q,  # [TT, H, K]

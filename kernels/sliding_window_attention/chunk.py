@@ -5,6 +5,8 @@ query i sees keys j with `i + S - T - W < j <= i + S - T` (`W = window_size` key
 Key blocks outside that band are skipped, so the cost is O(T * W) instead of O(T * S).
 The backward pass recomputes P from the saved log-sum-exp: one kernel for dq (over key blocks), one for dk/dv
 (per key block and KV head, looping over the query heads of its group, so no atomics are needed).
+Tiles: autotuned on a GPU over `GPU_TILES` x warps x stages, once per (H, H_kv, D, window); one fixed tile in the
+Triton interpreter.
 """
 
 from __future__ import annotations
@@ -16,8 +18,28 @@ import triton.language as tl
 from ..utils import input_guard, is_interpreter, next_power_of_2
 
 NEG_INF = -1e30  # finite: a fully masked row must not give exp(-inf - -inf) = NaN
+# (BM, BN) query x key tiles tried by the autotuner on a GPU (each with 4/8 warps and 2/3 pipeline stages).
+GPU_TILES = ((128, 64), (64, 64), (64, 32), (32, 32))
+INTERPRETER_TILE = (64, 64)  # the interpreter's cost scales with the number of block operations: big tiles
 
 
+def tile_configs() -> list[triton.Config]:
+    """Autotune candidates on a GPU; one fixed config under `TRITON_INTERPRET=1` (autotuning needs a GPU)."""
+    if is_interpreter():
+        return [triton.Config(dict(zip(("BM", "BN"), INTERPRETER_TILE)))]
+    return [
+        triton.Config({"BM": bm, "BN": bn}, num_warps=warps, num_stages=stages)
+        for bm, bn in GPU_TILES
+        for warps in (4, 8)
+        for stages in (2, 3)
+    ]
+
+
+# Tuned once per head layout, head dim and window (not per length: prefill lengths vary call to call).
+autotune = triton.autotune(configs=tile_configs(), key=["H", "HKV", "D", "WINDOW"])
+
+
+@autotune
 @triton.jit
 def attention_fwd_kernel(
     q,  # [B, T, H, D]
@@ -81,6 +103,7 @@ def attention_fwd_kernel(
     tl.store(lse + (i_b * T + o_m) * H + i_h, b_m + tl.log(b_l_safe), mask=m_m)
 
 
+@autotune
 @triton.jit
 def attention_bwd_kernel_dq(
     q,  # [B, T, H, D]
@@ -136,6 +159,7 @@ def attention_bwd_kernel_dq(
     tl.store(dq + p_q, (b_dq * scale).to(dq.dtype.element_ty), mask=m_md)
 
 
+@autotune
 @triton.jit
 def attention_bwd_kernel_dkv(
     q,  # [B, T, H, D]
@@ -196,27 +220,33 @@ def attention_bwd_kernel_dkv(
     tl.store(dv + p_kv, b_dv.to(dv.dtype.element_ty), mask=m_nd)
 
 
-def _blocks(head_dim: int) -> tuple[int, int, int]:
-    """(BD, BM, BN): big tiles under the interpreter (cost scales with the number of block operations)."""
-    bd = next_power_of_2(head_dim)
-    if is_interpreter():
-        return bd, 64, 64
-    return bd, (64 if bd <= 64 else 32), (64 if bd <= 64 else 32)
+def _launch(kernel, grid, args: tuple, tile: tuple[int, int] | None, **meta) -> None:
+    """Run an autotuned kernel; `tile=(BM, BN)` pins the tile instead (tests check every GPU tile this way)."""
+    if tile is None:
+        kernel[grid](*args, **meta)
+    else:
+        kernel.fn[grid](*args, BM=tile[0], BN=tile[1], **meta)
 
 
 def attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window_size: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    window_size: int,
+    tile: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel: returns `o` `[B, T, H, D]` and the log-sum-exp `[B, T, H]` (fp32)."""
     batch, length, heads, head_dim = q.shape
     kv_length, kv_heads = k.shape[1], k.shape[2]
-    bd, bm, bn = _blocks(head_dim)
     o = torch.empty_like(q)
     lse = q.new_empty(batch, length, heads, dtype=torch.float32)
-    attention_fwd_kernel[(triton.cdiv(length, bm), batch * heads)](
-        q, k, v, o, lse, scale, length, kv_length,
-        H=heads, HKV=kv_heads, D=head_dim, BD=bd, BM=bm, BN=bn, WINDOW=window_size,
-    )  # fmt: skip
+
+    def grid(meta):
+        return triton.cdiv(length, meta["BM"]), batch * heads
+
+    meta = dict(H=heads, HKV=kv_heads, D=head_dim, BD=next_power_of_2(head_dim), WINDOW=window_size)
+    _launch(attention_fwd_kernel, grid, (q, k, v, o, lse, scale, length, kv_length), tile, **meta)
     return o, lse
 
 
@@ -229,38 +259,42 @@ def attention_bwd(
     do: torch.Tensor,
     scale: float,
     window_size: int,
+    tile: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernels: returns dq, dk, dv (dtypes of q, k, v)."""
     batch, length, heads, head_dim = q.shape
     kv_length, kv_heads = k.shape[1], k.shape[2]
-    bd, bm, bn = _blocks(head_dim)
     delta = (o.float() * do.float()).sum(-1)  # [B, T, H]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    meta = dict(H=heads, HKV=kv_heads, D=head_dim, BD=bd, BM=bm, BN=bn, WINDOW=window_size)
-    attention_bwd_kernel_dq[(triton.cdiv(length, bm), batch * heads)](
-        q, k, v, do, lse, delta, dq, scale, length, kv_length, **meta
-    )
-    attention_bwd_kernel_dkv[(triton.cdiv(kv_length, bn), batch * kv_heads)](
-        q, k, v, do, lse, delta, dk, dv, scale, length, kv_length, **meta
-    )
+    meta = dict(H=heads, HKV=kv_heads, D=head_dim, BD=next_power_of_2(head_dim), WINDOW=window_size)
+
+    def grid_dq(meta):
+        return triton.cdiv(length, meta["BM"]), batch * heads
+
+    def grid_dkv(meta):
+        return triton.cdiv(kv_length, meta["BN"]), batch * kv_heads
+
+    args = (q, k, v, do, lse, delta)
+    _launch(attention_bwd_kernel_dq, grid_dq, (*args, dq, scale, length, kv_length), tile, **meta)
+    _launch(attention_bwd_kernel_dkv, grid_dkv, (*args, dk, dv, scale, length, kv_length), tile, **meta)
     return dq, dk, dv
 
 
 class SlidingWindowAttentionFunction(torch.autograd.Function):
     @staticmethod
     @input_guard
-    def forward(ctx, q, k, v, scale, window_size):
-        o, lse = attention_fwd(q, k, v, scale, window_size)
+    def forward(ctx, q, k, v, scale, window_size, tile):
+        o, lse = attention_fwd(q, k, v, scale, window_size, tile)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale, ctx.window_size = scale, window_size
+        ctx.scale, ctx.window_size, ctx.tile = scale, window_size, tile
         return o
 
     @staticmethod
     @input_guard
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = attention_bwd(q, k, v, o, lse, do, ctx.scale, ctx.window_size)
-        return dq, dk, dv, None, None
+        dq, dk, dv = attention_bwd(q, k, v, o, lse, do, ctx.scale, ctx.window_size, ctx.tile)
+        return dq, dk, dv, None, None, None
 
 
 def sliding_window_attention(
@@ -269,6 +303,7 @@ def sliding_window_attention(
     v: torch.Tensor,
     window_size: int | None = None,
     scale: float | None = None,
+    tile: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     r"""Causal softmax attention over the last `window_size` keys (Triton), differentiable in q, k, v.
 
@@ -278,6 +313,8 @@ def sliding_window_attention(
         v (torch.Tensor): values of shape `[B, S, H_kv, D]`.
         window_size (int, optional): keys each query sees, itself included; None or 0 gives full causal attention.
         scale (float, optional): softmax scale, defaults to `D ** -0.5`.
+        tile (tuple[int, int], optional): pin the `(BM, BN)` query x key tile; by default the kernels are autotuned
+            over `GPU_TILES` on a GPU (one fixed tile in the interpreter).
 
     Returns:
         `o` of shape `[B, T, H, D]`; query i attends keys `i + S - T - W < j <= i + S - T` (bottom-right aligned).
@@ -292,4 +329,4 @@ def sliding_window_attention(
     dtype = q.dtype
     if is_interpreter() and dtype == torch.bfloat16:  # bf16 `tl.dot` is wrong in the interpreter
         q, k, v = q.float(), k.float(), v.float()
-    return SlidingWindowAttentionFunction.apply(q, k, v, scale, int(window_size or 0)).to(dtype)
+    return SlidingWindowAttentionFunction.apply(q, k, v, scale, int(window_size or 0), tile).to(dtype)

@@ -23,7 +23,7 @@ requires_triton()
         pytest.param(1, 5, 90, 4, 2, 32, 20, id="B1-T5-S90-GQA-W20"),
     ],
 )
-def test_sliding_window_attention(batch, length, kv_length, heads, kv_heads, head_dim, window):
+def test_sliding_window_attention(batch, length, kv_length, heads, kv_heads, head_dim, window, tile=None):
     from hf_yoco.kernels.sliding_window_attention.chunk import sliding_window_attention
 
     torch.manual_seed(42)
@@ -34,11 +34,23 @@ def test_sliding_window_attention(batch, length, kv_length, heads, kv_heads, hea
     results = []
     for fn in (naive_sliding_window_attention, sliding_window_attention):
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        o = fn(*leaves, window_size=window)
+        o = fn(*leaves, window_size=window, **({"tile": tile} if fn is sliding_window_attention else {}))
         (o * do).sum().backward()
         results.append((o, *(x.grad for x in leaves)))
     for name, ref, tri in zip(("o", "dq", "dk", "dv"), *results):
         assert_close(name, ref, tri)
+
+
+def _gpu_tiles():
+    from hf_yoco.kernels.sliding_window_attention.chunk import GPU_TILES
+
+    return GPU_TILES
+
+
+@pytest.mark.parametrize("tile", _gpu_tiles(), ids=lambda tile: f"BM{tile[0]}-BN{tile[1]}")
+def test_every_autotune_tile_is_correct(tile):
+    """Each (BM, BN) tile the GPU autotuner may pick, pinned and run here (in the interpreter on CPU)."""
+    test_sliding_window_attention(1, 75, 90, 4, 2, 32, 33, tile=tile)
 
 
 def test_rejects_fewer_keys_than_queries():
