@@ -317,8 +317,6 @@ def _get_recurrent_state(cache: Cache | None, layer_idx: int) -> torch.Tensor | 
     return layer.recurrent_states[0] if layer.is_recurrent_states_initialized[0] else None
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Modules
 def _set_recurrent_state(cache: Cache, layer_idx: int, state: torch.Tensor) -> None:
     """Store the retention state of `layer_idx`. transformers copies it in place (static addresses for CUDA graphs);
     under autograd that would overwrite a tensor the backward still needs, so a state with grad replaces the old one."""
@@ -329,6 +327,8 @@ def _set_recurrent_state(cache: Cache, layer_idx: int, state: torch.Tensor) -> N
         cache.update_recurrent_state(state, layer_idx)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Modules
 # --------------------------------------------------------------------------------------------------------------------
 
 
