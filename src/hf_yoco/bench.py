@@ -28,7 +28,14 @@ from pathlib import Path
 
 import torch
 
-MODELS = ("llama", "yoco-swa", "yoco-gret", "block-transformer")
+# bench model name -> `hf_yoco.training.tiny_config` arguments that pick the architecture
+MODEL_KWARGS = {
+    "llama": dict(model="llama"),
+    "yoco-swa": dict(model="yoco", self_decoder_type="sliding_window"),
+    "yoco-gret": dict(model="yoco", self_decoder_type="gated_retention"),
+    "block-transformer": dict(model="block"),
+}
+MODELS = tuple(MODEL_KWARGS)
 
 
 @dataclass
@@ -67,39 +74,23 @@ class BenchSettings:
 
 
 def build_config(name: str, settings: BenchSettings, context: int):
-    """The model config for `name` at the benchmark width/depth/heads."""
-    from transformers import LlamaConfig
+    """The model config for `name` at the benchmark width/depth/heads (`hf_yoco.training.tiny_config`)."""
+    from .training import tiny_config
 
-    import hf_yoco
-
-    common = dict(
+    if name not in MODEL_KWARGS:
+        raise ValueError(f"model must be one of {MODELS}, got {name!r}")
+    return tiny_config(
+        **MODEL_KWARGS[name],
         vocab_size=settings.vocab_size,
         hidden_size=settings.hidden_size,
+        num_layers=settings.num_layers,
+        num_heads=settings.num_heads,
+        num_kv_heads=settings.num_kv_heads,
         intermediate_size=settings.intermediate_size,
-        num_attention_heads=settings.num_heads,
-        num_key_value_heads=settings.num_kv_heads,
         max_position_embeddings=max(context * 2, 4096),
+        sliding_window=settings.sliding_window,
+        block_length=settings.block_length,
     )
-    if name == "llama":
-        return LlamaConfig(num_hidden_layers=settings.num_layers, **common)
-    if name == "yoco-swa":
-        return hf_yoco.YocoConfig(
-            num_hidden_layers=settings.num_layers,
-            self_decoder_type="sliding_window",
-            sliding_window=settings.sliding_window,
-            **common,
-        )
-    if name == "yoco-gret":
-        return hf_yoco.YocoConfig(num_hidden_layers=settings.num_layers, self_decoder_type="gated_retention", **common)
-    if name == "block-transformer":
-        half = settings.num_layers // 2
-        return hf_yoco.BlockTransformerConfig(
-            block_length=settings.block_length,
-            num_block_decoder_layers=half,
-            num_token_decoder_layers=settings.num_layers - half,
-            **common,
-        )
-    raise ValueError(f"model must be one of {MODELS}, got {name!r}")
 
 
 def cache_bytes(cache) -> int:

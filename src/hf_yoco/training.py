@@ -35,6 +35,7 @@ MODEL_ALIASES = {
     "block": "hf_yoco_block_transformer",
     "block_transformer": "hf_yoco_block_transformer",
     "hf_yoco_block_transformer": "hf_yoco_block_transformer",
+    "llama": "llama",  # the same-size baseline of `hf-yoco bench` and the profiling script
 }
 
 
@@ -52,10 +53,11 @@ def tiny_config(
     block_length: int = 4,
     **overrides: Any,
 ) -> PretrainedConfig:
-    """A small config of either model type, built through `AutoConfig.for_model(model_type, ...)`.
+    """A config of either model type (or a same-size Llama), built through `AutoConfig.for_model(model_type, ...)`.
 
     YOCO: `num_layers` split evenly into self- and cross-decoder. Block Transformer: `num_layers` split evenly into
-    block and token decoder layers, `block_length` tokens per block. `intermediate_size` defaults to ~2.7x hidden.
+    block and token decoder layers, `block_length` tokens per block. Llama: `num_layers` decoder layers.
+    `intermediate_size` defaults to ~2.7x hidden.
     """
     from transformers import AutoConfig
 
@@ -83,6 +85,8 @@ def tiny_config(
             num_token_decoder_layers=num_layers - num_layers // 2,
             block_length=block_length,
         )
+    elif model_type == "llama":
+        kwargs = dict(num_hidden_layers=num_layers)
     else:
         raise ValueError(f"unknown model {model!r}; choose from {sorted(MODEL_ALIASES)}")
     return AutoConfig.for_model(model_type, **{**common, **kwargs, **overrides})
