@@ -47,7 +47,7 @@ import torch
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
-from hf_yoco.bench import MODELS, BenchSettings, build_config, machine_info
+from hf_yoco.bench import MODELS, build_config, check_models, machine_info
 
 DEFAULT_OUTPUT_DIR = Path(__file__).resolve().parent / "results" / "cpu-2core"
 STEM = "profile_train_step"
@@ -119,7 +119,10 @@ RETENTION_FUNCTIONS = ("chunk_gated_retention", "parallel_gated_retention")
 
 @dataclass
 class ProfileSettings:
-    """Model size and step shape (defaults: d=512, 8 layers, 8q/4kv heads, FFN 1376, vocab 32000, 2 x 512 tokens)."""
+    """Model size and step shape (defaults: d=512, 8 layers, 8q/4kv heads, FFN 1376, vocab 32000, 2 x 512 tokens).
+
+    The model-size fields are `hf_yoco.bench.BenchSettings`'s, so `build_config` takes these settings as they are.
+    """
 
     hidden_size: int = 512
     num_layers: int = 8
@@ -136,21 +139,6 @@ class ProfileSettings:
     threads: int = 2
     top_ops: int = 12
     models: list[str] = field(default_factory=lambda: list(MODELS))
-
-    def bench_settings(self) -> BenchSettings:
-        """The same-size model settings in the form `hf_yoco.bench.build_config` takes."""
-        return BenchSettings(
-            hidden_size=self.hidden_size,
-            num_layers=self.num_layers,
-            num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads,
-            intermediate_size=self.intermediate_size,
-            vocab_size=self.vocab_size,
-            sliding_window=self.sliding_window,
-            block_length=self.block_length,
-            models=list(self.models),
-            threads=self.threads,
-        )
 
 
 # ------------------------------------------------------------------------------------------------ op categories
@@ -356,7 +344,7 @@ def profile_model(name: str, settings: ProfileSettings, progress: Callable[[], N
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = build_config(name, settings.bench_settings(), settings.seq_len)
+    config = build_config(name, settings, settings.seq_len)
     model = AutoModelForCausalLM.from_config(config).train()
     input_ids = torch.randint(0, settings.vocab_size, (settings.batch, settings.seq_len))
     scopes = Scopes()
@@ -483,9 +471,7 @@ def run_profile(settings: ProfileSettings, output_dir: str | Path | None = None,
     """Profile every model of `settings.models`; write `profile_train_step.{json,md}` to `output_dir` if given."""
     from tqdm.auto import tqdm
 
-    unknown = [m for m in settings.models if m not in MODELS]
-    if unknown:
-        raise ValueError(f"`models` must be drawn from {MODELS}, got {unknown}")
+    check_models(settings.models)
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     results: dict[str, Any] = {"settings": asdict(settings), "machine": machine_info(), "models": []}

@@ -73,8 +73,19 @@ class BenchSettings:
         )  # fmt: skip
 
 
+def check_models(models: list[str]) -> None:
+    """Fail on any name that is not one of `MODELS`."""
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise ValueError(f"`models` must be drawn from {MODELS}, got {unknown}")
+
+
 def build_config(name: str, settings: BenchSettings, context: int):
-    """The model config for `name` at the benchmark width/depth/heads (`hf_yoco.training.tiny_config`)."""
+    """The model config for `name` at the benchmark width/depth/heads (`hf_yoco.training.tiny_config`).
+
+    `settings` is a `BenchSettings` or any object with its model-size fields (`hidden_size`, `num_layers`,
+    `num_heads`, `num_kv_heads`, `intermediate_size`, `vocab_size`, `sliding_window`, `block_length`).
+    """
     from .training import tiny_config
 
     if name not in MODEL_KWARGS:
@@ -258,9 +269,7 @@ def run_benchmark(settings: BenchSettings, output_dir: str | Path | None = None,
     """Run every (model, context) point and the decode-heavy point; write JSON / markdown / PNG if `output_dir`."""
     from tqdm.auto import tqdm
 
-    unknown = [m for m in settings.models if m not in MODELS]
-    if unknown:
-        raise ValueError(f"`models` must be drawn from {MODELS}, got {unknown}")
+    check_models(settings.models)
     points = [(m, c) for c in settings.contexts for m in settings.models]
     results = {"settings": asdict(settings), "machine": machine_info(), "points": [], "decode_heavy": []}
     for name, context in tqdm(points, desc="bench", disable=not progress):
