@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import hf_yoco  # noqa: F401  (registers "hf_yoco" with the Auto classes)
 from hf_yoco import YocoConfig
+from hf_yoco.bench import cache_bytes
 
 COMMON = dict(
     vocab_size=8192,
@@ -30,12 +31,6 @@ COMMON = dict(
 )
 
 
-def cache_bytes(cache) -> int:
-    if hasattr(cache, "memory_bytes"):
-        return cache.memory_bytes()["total"]
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-
-
 def yoco_prediction(config: YocoConfig, batch: int, tokens: int) -> int:
     """Arithmetic cache size: one global K/V for all tokens + constant self-decoder state (fp32)."""
     global_kv = 2 * batch * tokens * config.num_key_value_heads * config.head_dim * 4
@@ -46,6 +41,35 @@ def yoco_prediction(config: YocoConfig, batch: int, tokens: int) -> int:
         heads = config.num_retention_heads or config.num_attention_heads
         per_layer = batch * heads * config.retention_head_dim**2
     return global_kv + half * per_layer * 4
+
+
+def compare_caches(configs: dict, prompt: torch.Tensor, predict, **generate_kwargs) -> list[tuple]:
+    """Greedy `generate()` with a fresh model per config (the same-size Llama last); one row per model:
+    (name, cache bytes, `predict(config, output)` (bytes or None), seconds, last tokens of row 0)."""
+    rows = []
+    for name, config in configs.items():
+        model = AutoModelForCausalLM.from_config(config).eval()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                prompt, do_sample=False, pad_token_id=0, return_dict_in_generate=True, **generate_kwargs
+            )
+        seconds = time.perf_counter() - start
+        predicted = predict(config, out)
+        rows.append((name, cache_bytes(out.past_key_values), predicted, seconds, out.sequences[0, -8:].tolist()))
+    return rows
+
+
+def print_cache_table(rows: list[tuple], name_width: int) -> None:
+    """The rows of `compare_caches`, with each cache's size against the Llama's (the last row)."""
+    llama_bytes = rows[-1][1]
+    print(f"{'model':<{name_width}}{'cache MiB':>11}{'predicted':>11}{'vs Llama':>10}{'generate s':>12}  last tokens")
+    for name, size, predicted, seconds, tail in rows:
+        predicted_text = f"{predicted / 2**20:.2f}" if predicted else "-"
+        print(
+            f"{name:<{name_width}}{size / 2**20:>11.2f}{predicted_text:>11}{llama_bytes / size:>9.1f}x"
+            f"{seconds:>12.2f}  {tail}"
+        )
 
 
 def main() -> None:
@@ -62,33 +86,19 @@ def main() -> None:
         "YOCO (gated retention)": YocoConfig(**COMMON, self_decoder_type="gated_retention"),
         "Llama": LlamaConfig(**COMMON),
     }
-    rows = []
-    for name, config in configs.items():
-        model = AutoModelForCausalLM.from_config(config).eval()
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(
-                prompt,
-                max_new_tokens=args.new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-                return_dict_in_generate=True,
-            )
-        seconds = time.perf_counter() - start
-        predicted = yoco_prediction(config, 1, out.sequences.shape[1] - 1) if isinstance(config, YocoConfig) else None
-        rows.append((name, cache_bytes(out.past_key_values), predicted, seconds, out.sequences[0, -8:].tolist()))
-
-    llama_bytes = rows[-1][1]
+    rows = compare_caches(
+        configs,
+        prompt,
+        lambda config, out: (
+            yoco_prediction(config, 1, out.sequences.shape[1] - 1) if isinstance(config, YocoConfig) else None
+        ),
+        max_new_tokens=args.new_tokens,
+    )
     print(f"\ncontext {args.context} + {args.new_tokens} new tokens, d={COMMON['hidden_size']}, ", end="")
     print(
         f"{COMMON['num_hidden_layers']} layers, {COMMON['num_attention_heads']}q/{COMMON['num_key_value_heads']}kv heads, fp32"
     )
-    print(f"{'model':<24}{'cache MiB':>11}{'predicted':>11}{'vs Llama':>10}{'generate s':>12}  last tokens")
-    for name, size, predicted, seconds, tail in rows:
-        predicted_text = f"{predicted / 2**20:.2f}" if predicted else "-"
-        print(
-            f"{name:<24}{size / 2**20:>11.2f}{predicted_text:>11}{llama_bytes / size:>9.1f}x{seconds:>12.2f}  {tail}"
-        )
+    print_cache_table(rows, 24)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ token-decoder window of `num_prefix_tokens + block_length - 1` positions, indepe
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from quickstart import compare_caches, print_cache_table  # examples/quickstart.py, beside this script
+from transformers import LlamaConfig
 
 import hf_yoco  # noqa: F401  (registers "hf_yoco_block_transformer" with the Auto classes)
 from hf_yoco import BlockTransformerConfig
@@ -28,12 +28,6 @@ WIDTH = dict(
     num_attention_heads=8,
     num_key_value_heads=2,
 )
-
-
-def cache_bytes(cache) -> int:
-    if hasattr(cache, "memory_bytes"):
-        return cache.memory_bytes()["total"]
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
 def block_transformer_prediction(config: BlockTransformerConfig, batch: int, tokens: int) -> int:
@@ -61,40 +55,21 @@ def main() -> None:
         ),
         "Llama": LlamaConfig(**WIDTH, num_hidden_layers=8),
     }
-    rows = []
-    for name, config in configs.items():
-        model = AutoModelForCausalLM.from_config(config).eval()
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(
-                prompt,
-                attention_mask=attention_mask,
-                max_new_tokens=args.new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-                return_dict_in_generate=True,
-            )
-        seconds = time.perf_counter() - start
-        predicted = None
-        if isinstance(config, BlockTransformerConfig):
-            # the unpadded row has seen every token but the last generated one
-            predicted = block_transformer_prediction(config, 2, out.sequences.shape[1] - 1)
-            parts = out.past_key_values.memory_bytes()
-            print("Block Transformer cache parts (bytes):", parts)
-        rows.append((name, cache_bytes(out.past_key_values), predicted, seconds, out.sequences[0, -8:].tolist()))
 
-    llama_bytes = rows[-1][1]
+    def predict(config, out) -> int | None:
+        if not isinstance(config, BlockTransformerConfig):
+            return None
+        print("Block Transformer cache parts (bytes):", out.past_key_values.memory_bytes())
+        # the unpadded row has seen every token but the last generated one
+        return block_transformer_prediction(config, 2, out.sequences.shape[1] - 1)
+
+    rows = compare_caches(configs, prompt, predict, attention_mask=attention_mask, max_new_tokens=args.new_tokens)
     print(
         f"\nbatch 2, context {args.context} + {args.new_tokens} new tokens, d={WIDTH['hidden_size']}, 8 layers, ",
         end="",
     )
     print(f"{WIDTH['num_attention_heads']}q/{WIDTH['num_key_value_heads']}kv heads, fp32")
-    print(f"{'model':<20}{'cache MiB':>11}{'predicted':>11}{'vs Llama':>10}{'generate s':>12}  last tokens")
-    for name, size, predicted, seconds, tail in rows:
-        predicted_text = f"{predicted / 2**20:.2f}" if predicted else "-"
-        print(
-            f"{name:<20}{size / 2**20:>11.2f}{predicted_text:>11}{llama_bytes / size:>9.1f}x{seconds:>12.2f}  {tail}"
-        )
+    print_cache_table(rows, 20)
 
 
 if __name__ == "__main__":
