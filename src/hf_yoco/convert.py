@@ -320,6 +320,19 @@ def _official_decoder_config(cfg: dict, name: str) -> dict:
     return fields
 
 
+def _pythia_layer_kwargs(fields: Mapping) -> dict:
+    """`BlockTransformerConfig` kwargs of the GPT-NeoX layer fields (`PYTHIA_DECODER_DEFAULTS` names)."""
+    return dict(
+        hidden_act=fields["hidden_act"],
+        use_parallel_residual=fields["use_parallel_residual"],
+        partial_rotary_factor=float(fields["rotary_pct"]),
+        attention_bias=fields["attention_bias"],
+        norm_eps=float(fields["layer_norm_eps"]),
+        rope_theta=float(fields["rotary_emb_base"]),
+        initializer_range=float(fields["initializer_range"]),
+    )
+
+
 def _trainer_config_kwargs(cfg: dict) -> dict:
     """`BlockTransformerConfig` kwargs from an official trainer yaml (`conf/trainer/<name>.yaml`)."""
     split = cfg.get("block_split")
@@ -374,14 +387,8 @@ def _trainer_config_kwargs(cfg: dict) -> dict:
         num_block_decoder_layers=block_fields["num_hidden_layers"],
         num_token_decoder_layers=token_fields["num_hidden_layers"],
         num_attention_heads=token_fields["num_attention_heads"],
-        hidden_act=token_fields["hidden_act"],
-        use_parallel_residual=token_fields["use_parallel_residual"],
-        partial_rotary_factor=float(token_fields["rotary_pct"]),
-        attention_bias=token_fields["attention_bias"],
-        norm_eps=float(token_fields["layer_norm_eps"]),
-        rope_theta=float(token_fields["rotary_emb_base"]),
+        **_pythia_layer_kwargs(token_fields),
         max_position_embeddings=int(cfg.get("max_length") or token_fields["max_position_embeddings"]),
-        initializer_range=float(token_fields["initializer_range"]),
     )
 
 
@@ -417,7 +424,6 @@ def _state_dict_config_kwargs(state_dict: Mapping[str, torch.Tensor]) -> dict:
         indices = {int(m.group(1)) for k in state_dict if (m := pattern.match(k))}
         return max(indices) + 1 if indices else 0
 
-    defaults = PYTHIA_DECODER_DEFAULTS
     return dict(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -427,14 +433,8 @@ def _state_dict_config_kwargs(state_dict: Mapping[str, torch.Tensor]) -> dict:
         num_block_decoder_layers=max(1, count_layers("block_decoder")),
         num_token_decoder_layers=count_layers("token_decoder"),
         num_attention_heads=_official_head_count(hidden),
-        hidden_act=defaults["hidden_act"],
-        use_parallel_residual=defaults["use_parallel_residual"],
-        partial_rotary_factor=defaults["rotary_pct"],
-        attention_bias=defaults["attention_bias"],
-        norm_eps=defaults["layer_norm_eps"],
-        rope_theta=float(defaults["rotary_emb_base"]),
-        max_position_embeddings=defaults["max_position_embeddings"],
-        initializer_range=defaults["initializer_range"],
+        **_pythia_layer_kwargs(PYTHIA_DECODER_DEFAULTS),
+        max_position_embeddings=PYTHIA_DECODER_DEFAULTS["max_position_embeddings"],
     )
 
 
