@@ -75,10 +75,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    if rank == 0:  # rank 0 builds the cached data first
-        data_lib.prepare_data("hamlet", args.data_dir, "bpe", args.vocab_size, args.block_size)
-    dist.barrier()
+    if rank != 0:  # rank 0 builds the cached data first, the other ranks then read the cache
+        dist.barrier()
     dataset, tok = data_lib.prepare_data("hamlet", args.data_dir, "bpe", args.vocab_size, args.block_size)
+    if rank == 0:
+        dist.barrier()
 
     set_seed(0)
     config = tiny_config(
