@@ -96,35 +96,35 @@ class BlockTransformerBlockCacheLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(
-        self,
-        key_states: torch.Tensor,
-        value_states: torch.Tensor,
-        rows: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-        **kwargs,
+        self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor | None = None, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefill (`positions is None`): store all blocks. Step: write one block per row of `rows` at `positions`.
-
-        Returns the keys/values the queries attend to: all of them at prefill, else `[len(rows), H_kv,
-        max(positions) + 1, head_dim]` (entries past a row's own position must be masked by the caller).
-        """
+        """Prefill (`positions is None`): store the given K/V as they are. Step: `_write_step` (per layer kind)."""
         if positions is None:
             self.lazy_initialization(key_states, value_states)
             self.keys, self.values = key_states, value_states
             return key_states, value_states
+        return self._write_step(key_states, value_states, positions, **kwargs)
+
+    def _write_step(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        positions: torch.Tensor,
+        rows: torch.Tensor,
+        batch_size: int,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one block per row of `rows` at `positions`; returns `[len(rows), H_kv, max(positions) + 1,
+        head_dim]` (entries past a row's own position must be masked by the caller)."""
         needed = int(positions.max()) + 1
         if self.keys is None:
             self.lazy_initialization(key_states, value_states)
-            batch = int(kwargs["batch_size"])
-            shape = (batch, key_states.shape[1], 0, key_states.shape[-1])
+            shape = (int(batch_size), key_states.shape[1], 0, key_states.shape[-1])
             self.keys = key_states.new_zeros(shape)
             self.values = value_states.new_zeros(shape)
         if self.keys.shape[-2] < needed:  # grow along the block axis
-            pad = needed - self.keys.shape[-2]
-            self.keys = torch.cat([self.keys, self.keys.new_zeros(*self.keys.shape[:2], pad, self.keys.shape[-1])], 2)
-            self.values = torch.cat(
-                [self.values, self.values.new_zeros(*self.values.shape[:2], pad, self.values.shape[-1])], 2
-            )
+            pad = (0, 0, 0, needed - self.keys.shape[-2])
+            self.keys, self.values = nn.functional.pad(self.keys, pad), nn.functional.pad(self.values, pad)
         # keys[rows, :, positions] is [r, H_kv, head_dim]; the new block is key_states[:, :, 0]
         self.keys[rows, :, positions] = key_states[:, :, 0]
         self.values[rows, :, positions] = value_states[:, :, 0]
@@ -155,24 +155,21 @@ class BlockTransformerLocalCacheLayer(BlockTransformerBlockCacheLayer):
     (`m_b` pending tokens); later slots are stale and masked by the caller.
     """
 
-    def update(
+    def _write_step(
         self,
         key_states: torch.Tensor,
         value_states: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        write_mask: torch.Tensor | None = None,
+        positions: torch.Tensor,
+        write_mask: torch.Tensor,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefill (`positions is None`): store the `S` slots. Step: write query slot `s` of row `b` at local position
-        `positions[b, s]` wherever `write_mask[b, s]`; returns the full `[B, H_kv, S, head_dim]` buffers."""
-        if positions is None:
-            self.lazy_initialization(key_states, value_states)
-            self.keys, self.values = key_states, value_states
-            return key_states, value_states
+        """Write query slot `s` of row `b` at local position `positions[b, s]` wherever `write_mask[b, s]`; returns
+        the full `[B, H_kv, S, head_dim]` buffers."""
         rows, slots = write_mask.nonzero(as_tuple=True)
+        local = positions[rows, slots]
         # keys[rows, :, local] is [n, H_kv, head_dim]; key_states[rows, :, slots] likewise
-        self.keys[rows, :, positions[rows, slots]] = key_states[rows, :, slots]
-        self.values[rows, :, positions[rows, slots]] = value_states[rows, :, slots]
+        self.keys[rows, :, local] = key_states[rows, :, slots]
+        self.values[rows, :, local] = value_states[rows, :, slots]
         return self.keys, self.values
 
 
