@@ -344,6 +344,13 @@ class BlockTransformerAttention(nn.Module):
         return self.o_proj(output.reshape(batch, length, -1))  # [B, T, H, hd] -> [B, T, D]
 
 
+def _make_norm(config: BlockTransformerConfig) -> nn.Module:
+    """LayerNorm (`layer_style="gpt_neox"`) or RMSNorm (`"llama"`) over `hidden_size`."""
+    if config.layer_style == "gpt_neox":
+        return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+    return RMSNorm(config.hidden_size, eps=config.norm_eps)
+
+
 class BlockTransformerDecoderLayer(GradientCheckpointingLayer):
     """Pre-norm transformer layer: RMSNorm + SwiGLU (`layer_style="llama"`) or LayerNorm + GELU MLP (`"gpt_neox"`),
     sequential or parallel (GPT-NeoX) residual."""
@@ -352,14 +359,10 @@ class BlockTransformerDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.use_parallel_residual = config.use_parallel_residual
         self.self_attn = BlockTransformerAttention(config, layer_idx)
-        if config.layer_style == "gpt_neox":
-            self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
-            self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
-            self.mlp = DenseMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
-        else:
-            self.input_layernorm = RMSNorm(config.hidden_size, eps=config.norm_eps)
-            self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.norm_eps)
-            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
+        self.input_layernorm = _make_norm(config)
+        self.post_attention_layernorm = _make_norm(config)
+        mlp_class = DenseMLP if config.layer_style == "gpt_neox" else GatedMLP
+        self.mlp = mlp_class(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
 
     def forward(
         self,
@@ -376,12 +379,6 @@ class BlockTransformerDecoderLayer(GradientCheckpointingLayer):
             return hidden_states + attn_output + self.mlp(self.post_attention_layernorm(hidden_states))
         hidden_states = hidden_states + attn_output
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
-
-
-def _make_norm(config: BlockTransformerConfig) -> nn.Module:
-    if config.layer_style == "gpt_neox":
-        return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
-    return RMSNorm(config.hidden_size, eps=config.norm_eps)
 
 
 class BlockTransformerEmbedder(nn.Module):
