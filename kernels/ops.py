@@ -7,6 +7,8 @@ its PyTorch path.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .utils import use_triton
@@ -46,15 +48,40 @@ def gated_retention(
     )
 
 
-def _mask_is_plain(mask: torch.Tensor, length: int, kv_length: int, window: int) -> bool:
-    """True when a 4D mask (bool: True = keep; float: 0 = keep) is exactly the bottom-right causal(-window) band."""
-    if mask.ndim != 4 or mask.shape[-2] != length or mask.shape[-1] != kv_length:
-        return False
+# The last mask checked: (the tensor, weakly; its version counter, shape and the window; the answer). Every layer of
+# one forward receives the same mask tensor, so layers 2..L reuse the first layer's answer.
+_plain_mask_cache: tuple[weakref.ref, tuple, bool] | None = None
+
+
+def _band_matches(mask: torch.Tensor, length: int, kv_length: int, window: int) -> bool:
+    """True when a 4D `[..., T, S]` mask (bool: True = keep; float: 0 = keep) keeps exactly the bottom-right causal
+    (window) band. Builds the `[T, S]` band and syncs with the host."""
     keep = mask if mask.dtype == torch.bool else mask == 0
     i = torch.arange(length, device=mask.device)[:, None] + kv_length - length
     j = torch.arange(kv_length, device=mask.device)[None, :]
     band = (j <= i) & (j > i - window) if window else j <= i
     return bool((keep == band).all())
+
+
+def _mask_is_plain(mask: torch.Tensor, length: int, kv_length: int, window: int) -> bool:
+    """True when a 4D mask (bool: True = keep; float: 0 = keep) is exactly the bottom-right causal(-window) band.
+
+    The answer for the last mask is kept (`_plain_mask_cache`) and reused while the same tensor object comes back
+    unmodified (same version counter and shape) with the same window; any other mask is checked again. Inference
+    tensors have no version counter, and tracing has no host sync to save: both are always checked.
+    """
+    global _plain_mask_cache
+    if mask.ndim != 4 or mask.shape[-2] != length or mask.shape[-1] != kv_length:
+        return False
+    if mask.is_inference() or torch.compiler.is_compiling():
+        return _band_matches(mask, length, kv_length, window)
+    key = (mask._version, mask.shape, window)
+    cached = _plain_mask_cache
+    if cached is not None and cached[0]() is mask and cached[1] == key:
+        return cached[2]
+    plain = _band_matches(mask, length, kv_length, window)
+    _plain_mask_cache = (weakref.ref(mask), key, plain)
+    return plain
 
 
 def attention(

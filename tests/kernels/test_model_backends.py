@@ -99,6 +99,31 @@ def test_yoco_triton_matches_torch(self_decoder_type, kernel_calls):
     assert kernel_calls["attention"] > 0
 
 
+def test_yoco_checks_the_mask_once_per_forward(monkeypatch):
+    """The sliding-window layers of one forward share one mask: its band check runs once, not once per layer; the
+    next forward's new mask is checked again."""
+    monkeypatch.setattr(ops, "_plain_mask_cache", None)
+    masks, checks = [], []
+    attention, band_matches = ops.attention, ops._band_matches
+
+    def counted_attention(module, query, key, value, attention_mask, *args):
+        masks.append(attention_mask)
+        return attention(module, query, key, value, attention_mask, *args)
+
+    monkeypatch.setattr(ops, "attention", counted_attention)
+    monkeypatch.setattr(ops, "_band_matches", lambda *args: checks.append(args[1:]) or band_matches(*args))
+    model = yoco_model("sliding_window").eval()
+    model.config.kernel_backend = "triton"
+    input_ids = torch.randint(1, 64, (2, 19), device=DEVICE)
+    for forward in (1, 2):
+        masks.clear()
+        with torch.no_grad():
+            model(input_ids)
+        with_mask = [mask for mask in masks if mask is not None]
+        assert len(with_mask) > 1 and all(mask is with_mask[0] for mask in with_mask)
+        assert len(checks) == forward
+
+
 def test_yoco_chunk_kernel_in_model(monkeypatch, kernel_calls):
     """Force the chunkwise gRet kernel (not the fused recurrent one) for every multi-token call."""
     monkeypatch.setattr(ops, "FUSED_RECURRENT_MAX_LEN", 1)
