@@ -57,6 +57,22 @@ def sliding_window_perplexity(
     return {"perplexity": math.exp(nll), "nll": nll, "tokens": total_tokens}
 
 
+def text_perplexity(
+    model: torch.nn.Module,
+    tokenizer,
+    text: str,
+    window: int = 1024,
+    stride: int = 512,
+    max_tokens: int | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """`sliding_window_perplexity` of `text` tokenized by `tokenizer` (only its first `max_tokens` tokens if given)."""
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    if max_tokens:
+        ids = ids[:max_tokens]
+    return sliding_window_perplexity(model, ids, window, stride, progress)
+
+
 # ---------------------------------------------------------------------------------------------------- NIAH
 
 NEEDLE_KEYS = ("Kellynch", "Pemberley", "Hartfield", "Norland", "Mansfield", "Northanger", "Longbourn", "Uppercross")
@@ -193,7 +209,8 @@ def save_niah(results: dict, output_dir: str | Path, title: str = "needle in a h
 # ------------------------------------------------------------------------------------------------------------- CLI
 
 
-def _load(model_path: str, dtype: str):
+def load_model_and_tokenizer(model_path: str, dtype: str = "float32"):
+    """A saved causal LM (any type, hf_yoco's included) in eval mode, and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import hf_yoco  # noqa: F401  (registers the hf_yoco model types)
@@ -224,11 +241,9 @@ def add_ppl_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_ppl(args: argparse.Namespace) -> int:
-    model, tokenizer = _load(args.model, args.dtype)
-    ids = tokenizer(_read_text(args.text, args.data_dir), return_tensors="pt").input_ids[0]
-    if args.max_tokens:
-        ids = ids[: args.max_tokens]
-    result = sliding_window_perplexity(model, ids, args.window, args.stride, progress=True)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
+    text = _read_text(args.text, args.data_dir)
+    result = text_perplexity(model, tokenizer, text, args.window, args.stride, args.max_tokens, progress=True)
     print(json.dumps({"model": args.model, "text": args.text, **result}, indent=2))
     return 0
 
@@ -248,7 +263,7 @@ def add_niah_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_niah(args: argparse.Namespace) -> int:
-    model, tokenizer = _load(args.model, args.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
     results = needle_in_a_haystack(
         model, tokenizer, _read_text(args.haystack, args.data_dir), args.lengths, args.depths, args.needles,
         args.trials, args.max_new_tokens, args.seed,

@@ -12,7 +12,6 @@ import math
 
 import datasets
 import evaluate
-import torch
 
 _DESCRIPTION = (
     "Perplexity with overlapping windows: every token is scored once, with up to window - stride tokens of context."
@@ -39,19 +38,12 @@ class SlidingWindowPerplexity(evaluate.Metric):
         )
 
     def _compute(self, predictions, model_id, window=1024, stride=512, max_tokens=None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from hf_yoco.evaluation import load_model_and_tokenizer, text_perplexity
 
-        import hf_yoco  # noqa: F401
-        from hf_yoco.evaluation import sliding_window_perplexity
-
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32).eval()
-        tokenizer = AutoTokenizer.from_pretrained(model_id)
+        model, tokenizer = load_model_and_tokenizer(model_id, "float32")
         perplexities, total_nll, total_tokens = [], 0.0, 0
         for text in predictions:
-            ids = tokenizer(text, return_tensors="pt").input_ids[0]
-            if max_tokens:
-                ids = ids[:max_tokens]
-            result = sliding_window_perplexity(model, ids, window, stride)
+            result = text_perplexity(model, tokenizer, text, window, stride, max_tokens)
             perplexities.append(result["perplexity"])
             total_nll += result["nll"] * result["tokens"]
             total_tokens += result["tokens"]
