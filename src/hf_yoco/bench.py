@@ -286,12 +286,12 @@ def run_benchmark(settings: BenchSettings, output_dir: str | Path | None = None,
 def ratios(results: dict) -> list[dict]:
     """Per context and model: Llama / model for cache, prefill time, peak memory; model / Llama for speeds."""
     by_key = {(p["model"], p["context"]): p for p in results["points"] if "error" not in p}
+    settings = BenchSettings(**results["settings"])
     rows = []
     for (name, context), point in sorted(by_key.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         llama = by_key.get(("llama", context))
         if llama is None or name == "llama":
             continue
-        settings = BenchSettings(**results["settings"])
         limit = arithmetic_cache_bytes("llama", settings, context) / arithmetic_cache_bytes(name, settings, context)
         row = {
             "model": name,
