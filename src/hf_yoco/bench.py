@@ -147,15 +147,18 @@ def _rss_kib(field_name: str) -> int:
     return 0
 
 
-def measure_point(name: str, settings: BenchSettings, context: int) -> dict:
-    """Worker body: prefill, cache size, batch-1 decode and (at the throughput context) max-batch decode."""
+def _worker_model(name: str, settings: BenchSettings, context: int):
+    """Worker set-up: `settings.threads` torch threads, seed 0, and the model for `name` (random weights, eval)."""
     from transformers import AutoModelForCausalLM
-
-    import hf_yoco  # noqa: F401
 
     torch.set_num_threads(settings.threads)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(build_config(name, settings, context)).eval()
+    return AutoModelForCausalLM.from_config(build_config(name, settings, context)).eval()
+
+
+def measure_point(name: str, settings: BenchSettings, context: int) -> dict:
+    """Worker body: prefill, cache size, batch-1 decode and (at the throughput context) max-batch decode."""
+    model = _worker_model(name, settings, context)
     input_ids = torch.randint(3, settings.vocab_size, (1, context))
     result = {"model": name, "context": context, "parameters": model.num_parameters()}
     with torch.inference_mode():
@@ -196,14 +199,7 @@ def measure_point(name: str, settings: BenchSettings, context: int) -> dict:
 
 def measure_decode_heavy(name: str, settings: BenchSettings) -> dict:
     """Short prompt, long `generate()` at a fixed batch: the Block Transformer's favourable regime."""
-    from transformers import AutoModelForCausalLM
-
-    import hf_yoco  # noqa: F401
-
-    torch.set_num_threads(settings.threads)
-    torch.manual_seed(0)
-    total = settings.decode_heavy_prompt + settings.decode_heavy_new_tokens
-    model = AutoModelForCausalLM.from_config(build_config(name, settings, total)).eval()
+    model = _worker_model(name, settings, settings.decode_heavy_prompt + settings.decode_heavy_new_tokens)
     prompt = torch.randint(3, settings.vocab_size, (settings.decode_heavy_batch, settings.decode_heavy_prompt))
     with torch.inference_mode():
         start = time.perf_counter()
