@@ -243,11 +243,11 @@ class Runner:
     def sliding_window_attention(self, length: int) -> None:
         from hf_yoco.kernels.sliding_window_attention.chunk import sliding_window_attention
         from hf_yoco.kernels.sliding_window_attention.naive import naive_sliding_window_attention
+        from hf_yoco.kernels.utils import causal_band
 
         B, H, HKV, D, W = self.args.batch, self.args.heads, self.args.kv_heads, self.args.head_dim, self.args.window
         q, k, v = self.leaf(B, length, H, D), self.leaf(B, length, HKV, D), self.leaf(B, length, HKV, D)
-        i = torch.arange(length, device=self.device)
-        mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - W)
+        mask = causal_band(length, length, W, self.device)
         qs = q.detach().transpose(1, 2).requires_grad_()
         ks, vs = (x.detach().transpose(1, 2).repeat_interleave(H // HKV, 1).requires_grad_() for x in (k, v))
         impls = {

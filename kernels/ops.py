@@ -11,7 +11,7 @@ import weakref
 
 import torch
 
-from .utils import use_triton
+from .utils import causal_band, use_triton
 
 __all__ = ["attention", "gated_retention", "use_triton"]
 
@@ -57,10 +57,7 @@ def _band_matches(mask: torch.Tensor, length: int, kv_length: int, window: int) 
     """True when a 4D `[..., T, S]` mask (bool: True = keep; float: 0 = keep) keeps exactly the bottom-right causal
     (window) band. Builds the `[T, S]` band and syncs with the host."""
     keep = mask if mask.dtype == torch.bool else mask == 0
-    i = torch.arange(length, device=mask.device)[:, None] + kv_length - length
-    j = torch.arange(kv_length, device=mask.device)[None, :]
-    band = (j <= i) & (j > i - window) if window else j <= i
-    return bool((keep == band).all())
+    return bool((keep == causal_band(length, kv_length, window, mask.device)).all())
 
 
 def _mask_is_plain(mask: torch.Tensor, length: int, kv_length: int, window: int) -> bool:

@@ -1,4 +1,4 @@
-"""Torch-only helpers shared by the kernels: backend resolution and input guards. Never imports triton at import time."""
+"""Torch-only helpers shared by the kernels: backend resolution, input guards and the causal band. Never imports triton at import time."""
 
 from __future__ import annotations
 
@@ -62,6 +62,14 @@ def use_triton(backend: str, tensor: torch.Tensor) -> bool:
             "for tests), or use kernel_backend='auto'/'torch'."
         )
     return True
+
+
+def causal_band(length: int, kv_length: int, window: int | None, device: torch.device | str) -> torch.Tensor:
+    """`[T, S]` bool, True where query i may see key j: `i + S - T - W < j <= i + S - T` (queries bottom-right aligned
+    with the keys, as with a KV cache; `W = window` keys, itself included; None or 0 = full causal)."""
+    i = torch.arange(length, device=device)[:, None] + kv_length - length
+    j = torch.arange(kv_length, device=device)[None, :]
+    return (j <= i) & (j > i - window) if window else j <= i
 
 
 def input_guard(fn: Callable[..., Any]) -> Callable[..., Any]:

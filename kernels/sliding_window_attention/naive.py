@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..utils import causal_band
+
 
 def naive_sliding_window_attention(
     q: torch.Tensor,
@@ -29,11 +31,7 @@ def naive_sliding_window_attention(
     scale = head_dim**-0.5 if scale is None else scale
     qf = q.float().transpose(1, 2)  # [B, H, T, D]
     kf, vf = (x.float().repeat_interleave(groups, dim=2).transpose(1, 2) for x in (k, v))  # [B, H, S, D]
-    i = torch.arange(length, device=q.device)[:, None] + kv_length - length
-    j = torch.arange(kv_length, device=q.device)[None, :]
-    allowed = j <= i
-    if window_size:
-        allowed = allowed & (j > i - window_size)
+    allowed = causal_band(length, kv_length, window_size, q.device)
     scores = (qf @ kf.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
     out = scores.softmax(-1).nan_to_num(0.0) @ vf  # rows without keys give 0
     return out.transpose(1, 2).to(q.dtype)

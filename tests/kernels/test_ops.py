@@ -10,14 +10,12 @@ import pytest
 import torch
 
 from hf_yoco.kernels import ops
+from hf_yoco.kernels.utils import causal_band
 
 
 def band(length: int, kv_length: int, window: int = 0) -> torch.Tensor:
     """Bottom-right causal (window) band as transformers' 4D bool mask `[1, 1, T, S]` (True = keep)."""
-    i = torch.arange(length)[:, None] + kv_length - length
-    j = torch.arange(kv_length)[None, :]
-    keep = (j <= i) & (j > i - window) if window else j <= i
-    return keep[None, None]
+    return causal_band(length, kv_length, window, "cpu")[None, None]
 
 
 @pytest.fixture
