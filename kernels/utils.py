@@ -88,6 +88,21 @@ def input_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def attention_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Check the attention kernels' inputs (q `[B, T, H, D]`, k/v `[B, S, H_kv, D]`, `S >= T`, `H_kv` divides `H`) and
+    return them, in fp32 when they are bf16 under `TRITON_INTERPRET=1` (bf16 `tl.dot` is wrong in the interpreter)."""
+    batch, length, heads, head_dim = q.shape
+    if k.ndim != 4 or k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim or heads % k.shape[2]:
+        raise ValueError(f"expected q [B, T, H, D], k/v [B, S, H_kv, D]; got {tuple(q.shape)}, {tuple(k.shape)}")
+    if k.shape[1] < length:
+        raise ValueError(f"need at least as many keys as queries (S >= T), got S={k.shape[1]}, T={length}")
+    if is_interpreter() and q.dtype == torch.bfloat16:
+        q, k, v = q.float(), k.float(), v.float()
+    return q, k, v
+
+
 def next_power_of_2(n: int, minimum: int = 16) -> int:
     """Smallest power of two >= max(n, minimum) (`tl.dot` needs tile sides >= 16)."""
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())

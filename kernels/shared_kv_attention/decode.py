@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import input_guard, is_interpreter, next_power_of_2, warp_configs
+from ..utils import attention_inputs, input_guard, is_interpreter, next_power_of_2, warp_configs
 
 NEG_INF = -1e30
 
@@ -147,13 +147,7 @@ def shared_kv_attention(
     Returns:
         `o` of shape `[B, T, H, D]`; query t attends keys `j <= t + S - T`.
     """
-    batch, length, heads, head_dim = q.shape
-    if k.ndim != 4 or k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim or heads % k.shape[2]:
-        raise ValueError(f"expected q [B, T, H, D], k/v [B, S, H_kv, D]; got {tuple(q.shape)}, {tuple(k.shape)}")
-    if k.shape[1] < length:
-        raise ValueError(f"need at least as many keys as queries (S >= T), got S={k.shape[1]}, T={length}")
-    scale = head_dim**-0.5 if scale is None else scale
     dtype = q.dtype
-    if is_interpreter() and dtype == torch.bfloat16:  # bf16 `tl.dot` is wrong in the interpreter
-        q, k, v = q.float(), k.float(), v.float()
+    q, k, v = attention_inputs(q, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     return shared_kv_attention_fwd(q, k, v, scale, num_splits).to(dtype)

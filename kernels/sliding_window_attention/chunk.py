@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import input_guard, is_interpreter, next_power_of_2
+from ..utils import attention_inputs, input_guard, is_interpreter, next_power_of_2
 
 NEG_INF = -1e30  # finite: a fully masked row must not give exp(-inf - -inf) = NaN
 # (BM, BN) query x key tiles tried by the autotuner on a GPU (each with 4/8 warps and 2/3 pipeline stages).
@@ -319,14 +319,8 @@ def sliding_window_attention(
     Returns:
         `o` of shape `[B, T, H, D]`; query i attends keys `i + S - T - W < j <= i + S - T` (bottom-right aligned).
     """
-    batch, length, heads, head_dim = q.shape
-    if k.ndim != 4 or k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim or heads % k.shape[2]:
-        raise ValueError(f"expected q [B, T, H, D], k/v [B, S, H_kv, D]; got {tuple(q.shape)}, {tuple(k.shape)}")
-    if k.shape[1] < length:
-        raise ValueError(f"need at least as many keys as queries (S >= T), got S={k.shape[1]}, T={length}")
-    if scale is None:
-        scale = head_dim**-0.5
     dtype = q.dtype
-    if is_interpreter() and dtype == torch.bfloat16:  # bf16 `tl.dot` is wrong in the interpreter
-        q, k, v = q.float(), k.float(), v.float()
+    q, k, v = attention_inputs(q, k, v)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
     return SlidingWindowAttentionFunction.apply(q, k, v, scale, int(window_size or 0), tile).to(dtype)

@@ -36,3 +36,13 @@ def test_shared_kv_attention(batch, length, kv_length, heads, kv_heads, head_dim
 @pytest.mark.slow
 def test_shared_kv_attention_long():
     test_shared_kv_attention(2, 1, 4000, 8, 2, 64, 8)
+
+
+def test_rejects_bad_shapes():
+    from hf_yoco.kernels.shared_kv_attention.decode import shared_kv_attention
+
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match="S >= T"):
+        shared_kv_attention(q, q[:, :4], q[:, :4])
+    with pytest.raises(ValueError, match="k/v"):
+        shared_kv_attention(q, q[..., :8], q[..., :8])
