@@ -46,7 +46,6 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation import GenerationMixin
 from transformers.initialization import copy_, normal_, zeros_
-from transformers.masking_utils import find_packed_sequence_indices
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
@@ -62,6 +61,7 @@ from .modeling_common import (
     apply_rotary_pos_emb,
     attention_forward,
     causal_lm_head_and_loss,
+    find_packed_sequences,
     tensor_bytes,
 )
 
@@ -538,17 +538,11 @@ class BlockTransformerModel(BlockTransformerPreTrainedModel):
                     "to False; `last_hidden_state` (the token decoder's output) is returned, and forward hooks on "
                     "`block_decoder.layers` / `token_decoder.layers` give per-layer states."
                 )
-        if (
-            attention_mask is None
-            and position_ids is not None
-            and position_ids.ndim == 2
-            and position_ids.shape[1] > 1
-        ):
-            if find_packed_sequence_indices(position_ids) is not None:  # never silently mix packed sequences
-                raise ValueError(
-                    "BlockTransformer does not support packed sequences (`position_ids` restarting inside a row): "
-                    "blocks are anchored at each row's first token. Pad the sequences and pass `attention_mask`."
-                )
+        if find_packed_sequences(position_ids, attention_mask, input_ids.shape[0]) is not None:  # never mixed silently
+            raise ValueError(
+                "BlockTransformer does not support packed sequences (`position_ids` restarting inside a row): "
+                "blocks are anchored at each row's first token. Pad the sequences and pass `attention_mask`."
+            )
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if use_cache and past_key_values is None:

@@ -11,6 +11,8 @@ files import it as a flat sibling (`from .modeling_common import ...`), the only
   interleaved GPT-J pairs).
 - `eager_attention_forward` / `attention_forward`: the attention glue that dispatches through transformers'
   attention interface (`config._attn_implementation`: eager, sdpa, flash_attention_2, ...).
+- `find_packed_sequences`: packed-sequence detection from `position_ids` (YOCO masks them, the Block Transformer
+  refuses them).
 - `kernel_op`: the `config.kernel_backend` switch ("auto" | "torch" | "triton") to hf_yoco's Triton kernels, imported
   under a guard so the file still works without hf_yoco installed.
 - `causal_lm_head_and_loss`: LM head + shifted cross-entropy of both models, with `skip_logits` and the hook for a
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
+from transformers.masking_utils import find_packed_sequence_indices
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -199,6 +202,16 @@ def eager_attention_forward(
     attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value_states)
     return attn_output.transpose(1, 2).contiguous(), attn_weights
+
+
+def find_packed_sequences(
+    position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, batch_size: int
+) -> torch.Tensor | None:
+    """Sequence index per token `[B, T]` when `position_ids` restart inside a row (packed, padding-free sequences as
+    from `DataCollatorWithFlattening`; transformers' rule: only without `attention_mask`), else None."""
+    if attention_mask is not None or position_ids is None or position_ids.ndim != 2 or position_ids.shape[1] < 2:
+        return None
+    return find_packed_sequence_indices(position_ids.expand(batch_size, -1))  # sometimes [1, T] for the whole batch
 
 
 def kernel_op(config, tensor: torch.Tensor, name: str) -> Callable | None:

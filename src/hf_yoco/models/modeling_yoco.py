@@ -28,7 +28,6 @@ from transformers.masking_utils import (
     and_masks,
     causal_mask_function,
     create_sliding_window_causal_mask,
-    find_packed_sequence_indices,
     packed_sequence_mask_function,
 )
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -48,6 +47,7 @@ from .modeling_common import (
     apply_rotary_pos_emb,
     attention_forward,
     causal_lm_head_and_loss,
+    find_packed_sequences,
     kernel_op,
     tensor_bytes,
 )
@@ -178,6 +178,14 @@ def varlen_gated_retention(
 
     out, _ = chunk_gated_retention(unpack(q), unpack(k), unpack(v), unpack(g), chunk_size)
     return out[valid][None]  # [1, N, H, V]
+
+
+def packed_cu_seqlens(packed_sequences: torch.Tensor) -> torch.Tensor:
+    """`cu_seqlens` (`[S + 1]`, start offsets and total over the flattened `B * T` tokens) of packed sequences given
+    as a sequence index per token (`[B, T]`, from `find_packed_sequence_indices`)."""
+    starts = F.pad(packed_sequences.diff(dim=-1) != 0, (1, 0), value=True)  # [B, T]; a sequence never spans two rows
+    total = torch.tensor([starts.numel()], device=starts.device)
+    return torch.cat([starts.flatten().nonzero().flatten(), total])
 
 
 class YocoGlobalKVLayer(DynamicLayer):
@@ -662,15 +670,12 @@ class YocoModel(YocoPreTrainedModel):
         attention_mask: torch.Tensor | None,
         cache: Cache | None,
         batch_size: int,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """`(sequence index per token [B, T], cu_seqlens over the flattened B * T tokens)` when `position_ids` restart
-        inside a row (packed sequences, transformers' rule: only without `attention_mask`), else `(None, None)`."""
-        if position_ids is None or attention_mask is not None or position_ids.ndim != 2 or position_ids.shape[1] < 2:
-            return None, None
-        position_ids = position_ids.expand(batch_size, -1)  # sometimes [1, T] for the whole batch
-        packed = find_packed_sequence_indices(position_ids)
+    ) -> torch.Tensor | None:
+        """Sequence index per token `[B, T]` when the inputs are packed sequences (`find_packed_sequences`), else
+        None; refuses packed inputs with a cache or an attention implementation without block-diagonal masks."""
+        packed = find_packed_sequences(position_ids, attention_mask, batch_size)
         if packed is None:
-            return None, None
+            return None
         if cache is not None:
             raise ValueError(
                 "Packed sequences (`position_ids` restarting inside a row) cannot be combined with `past_key_values`: "
@@ -681,12 +686,7 @@ class YocoModel(YocoPreTrainedModel):
                 "Packed sequences need `attn_implementation` 'sdpa' or 'eager' (block-diagonal masks), got "
                 f"{self.config._attn_implementation!r}."
             )
-        batch, length = position_ids.shape
-        starts = torch.diff(position_ids, dim=-1, prepend=position_ids[:, :1] - 1) != 1  # [B, T]
-        starts[:, 0] = True  # a sequence never spans two rows
-        total = torch.tensor([batch * length], device=position_ids.device)
-        cu_seqlens = torch.cat([starts.flatten().nonzero().flatten(), total])  # [S + 1]
-        return packed, cu_seqlens
+        return packed
 
     def _self_decoder_mask(
         self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None, position_ids
@@ -771,9 +771,7 @@ class YocoModel(YocoPreTrainedModel):
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         batch_size = (input_ids if inputs_embeds is None else inputs_embeds).shape[0]
-        packed_sequences, cu_seqlens = self._packed_sequences(
-            position_ids, attention_mask, past_key_values, batch_size
-        )
+        packed_sequences = self._packed_sequences(position_ids, attention_mask, past_key_values, batch_size)
         if packed_sequences is not None:
             use_cache = False
         if use_cache and past_key_values is None:
@@ -817,8 +815,9 @@ class YocoModel(YocoPreTrainedModel):
         # Self-decoder + global K/V, in chunks of at most `self_decoder_chunk_size` tokens at inference.
         self_rotary = self.retention_rotary_emb or self.rotary_emb
         self_kwargs = dict(kwargs)
-        if cu_seqlens is not None and self.config.self_decoder_type == "gated_retention":
-            self_kwargs["cu_seqlens"] = cu_seqlens  # (the sliding-window mask is block-diagonal already)
+        if packed_sequences is not None and self.config.self_decoder_type == "gated_retention":
+            # Retention restarts its state at each packed sequence (the sliding-window mask is block-diagonal).
+            self_kwargs["cu_seqlens"] = packed_cu_seqlens(packed_sequences)
         kept_states = []
         for start in range(0, length, chunk if chunked else length):
             end = min(start + chunk, length) if chunked else length
