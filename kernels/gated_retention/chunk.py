@@ -10,6 +10,8 @@ Backward: `dq` walks forward recomputing S; `dk`, `dv` and `dS_0` walk backward 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -337,7 +339,7 @@ def check_inputs(
     initial_state: torch.Tensor | None,
     cu_seqlens: torch.LongTensor | None,
 ) -> None:
-    """Shape checks shared by the chunk and fused recurrent entry points."""
+    """Shape checks of the gated retention entry points."""
     if q.ndim != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3] or g.shape != q.shape[:3]:
         raise ValueError(
             f"expected q, k [B, T, H, K], v [B, T, H, V], g [B, T, H]; got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -355,6 +357,27 @@ def check_inputs(
             f"initial_state must be [N, H, K, V] = {(num_seqs, q.shape[2], q.shape[3], v.shape[3])}, "
             f"got {tuple(initial_state.shape)}"
         )
+
+
+def apply_gated_retention(
+    forward_fn: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float | None,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: torch.LongTensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Body of both Triton entry points (`forward_fn`: chunkwise or fused recurrent forward): checks the shapes,
+    defaults `scale` to `K ** -0.5`, takes the initial state in fp32 and runs `GatedRetentionFunction`."""
+    check_inputs(q, k, v, g, initial_state, cu_seqlens)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if initial_state is not None:
+        initial_state = initial_state.float()
+    return GatedRetentionFunction.apply(forward_fn, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
 
 
 def chunk_gated_retention(
@@ -387,11 +410,6 @@ def chunk_gated_retention(
         >>> v, g = torch.randn(2, 100, 4, 64, device="cuda"), -torch.rand(2, 100, 4, device="cuda")
         >>> o, ht = chunk_gated_retention(q, k, v, g, output_final_state=True)
     """
-    check_inputs(q, k, v, g, initial_state, cu_seqlens)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    if initial_state is not None:
-        initial_state = initial_state.float()
-    return GatedRetentionFunction.apply(
+    return apply_gated_retention(
         chunk_gated_retention_fwd, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens
     )

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..utils import next_power_of_2, warp_configs
-from .chunk import GatedRetentionFunction, check_inputs
+from .chunk import apply_gated_retention
 
 
 @triton.autotune(configs=warp_configs(), key=["H", "K", "V", "BK", "BV"])
@@ -118,11 +118,6 @@ def fused_recurrent_gated_retention(
     Returns:
         `o` `[B, T, H, V]` (dtype of v) and the final state (or None).
     """
-    check_inputs(q, k, v, g, initial_state, cu_seqlens)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    if initial_state is not None:
-        initial_state = initial_state.float()
-    return GatedRetentionFunction.apply(
+    return apply_gated_retention(
         fused_recurrent_gated_retention_fwd, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens
     )
