@@ -35,16 +35,21 @@ def run(fn, q, k, v, g, h0, do, dht, **kwargs):
     return o, ht, grads
 
 
+def assert_all_close(ref, tri):
+    """Two `run` results agree: output, final state and every gradient (dq, dk, dv, dg and dh0 when given)."""
+    assert_close("o", ref[0], tri[0])
+    assert_close("ht", ref[1], tri[1])
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), ref[2], tri[2]):
+        assert_close(name, a, b)
+
+
 def check(fn, batch, length, heads, key_dim, value_dim, with_state, **kwargs):
     q, k, v, g, h0 = make_inputs(batch, length, heads, key_dim, value_dim, with_state)
     do = torch.randn_like(v)
     dht = torch.randn(batch, heads, key_dim, value_dim, device=DEVICE)
     ref = run(naive_recurrent_gated_retention, q, k, v, g, h0, do, dht)
     tri = run(fn, q, k, v, g, h0, do, dht, **kwargs)
-    assert_close("o", ref[0], tri[0])
-    assert_close("ht", ref[1], tri[1])
-    for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), ref[2], tri[2]):
-        assert_close(name, a, b)
+    assert_all_close(ref, tri)
 
 
 @pytest.mark.parametrize(
@@ -62,20 +67,14 @@ def test_chunk(batch, length, heads, key_dim, value_dim, with_state):
 
 
 def test_chunk_split_value_blocks():
-    """V split into several program blocks (partial dq / dk summed on the host)."""
-    from hf_yoco.kernels.gated_retention import chunk as chunk_module
-
-    def fn(q, k, v, g, initial_state, output_final_state):
-        g = g.float()
-        o, ht = chunk_module.chunk_gated_retention_fwd(
-            q, k, v, g, 0.25, initial_state, output_final_state, None, block_v=16
-        )
-        return o, ht
+    """Forward with V split into three program blocks of 16 (the last one partial). The backward's partial dq / dk,
+    summed on the host, are covered by test_chunk's V=96 case (two blocks of 64)."""
+    from hf_yoco.kernels.gated_retention.chunk import chunk_gated_retention_fwd
 
     q, k, v, g, h0 = make_inputs(1, 40, 1, 16, 40, True)
     with torch.no_grad():
         ref_o, ref_ht = naive_recurrent_gated_retention(q, k, v, g, 0.25, h0, True)
-        o, ht = fn(q, k, v, g, h0, True)
+        o, ht = chunk_gated_retention_fwd(q, k, v, g.float(), 0.25, h0, True, None, block_v=16)
     assert_close("o", ref_o, o)
     assert_close("ht", ref_ht, ht)
 
@@ -110,10 +109,7 @@ def test_varlen_matches_per_sequence(entry):
     dht = torch.randn_like(h0)
     ref = run(naive_recurrent_gated_retention, q, k, v, g, h0, do, dht, cu_seqlens=cu_seqlens)
     tri = run(fn, q, k, v, g, h0, do, dht, cu_seqlens=cu_seqlens)
-    assert_close("o", ref[0], tri[0])
-    assert_close("ht", ref[1], tri[1])
-    for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), ref[2], tri[2]):
-        assert_close(name, a, b)
+    assert_all_close(ref, tri)
     # The reference itself: packed == one call per sequence.
     bos = cu_seqlens[1].item()
     o1, _ = naive_recurrent_gated_retention(q[:, bos:], k[:, bos:], v[:, bos:], g[:, bos:], None, h0[1:2], True)
