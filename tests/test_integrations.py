@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -129,6 +131,29 @@ def test_model_types_are_registered_with_liger():
 
     for model_type in LIGER_MODEL_TYPES:
         assert MODEL_TYPE_TO_APPLY_LIGER_FN[model_type] is apply_liger_kernel_to_hf_yoco
+
+
+REGISTRATION_SCRIPT = """
+import sys
+if LIGER_FIRST:
+    import liger_kernel.transformers.monkey_patch
+import hf_yoco
+assert ("liger_kernel" in sys.modules) == LIGER_FIRST, "import hf_yoco must not import liger-kernel"
+from liger_kernel.transformers import AutoLigerKernelForCausalLM, _apply_liger_kernel_to_instance
+from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+for model_type in hf_yoco.integrations.LIGER_MODEL_TYPES:
+    assert MODEL_TYPE_TO_APPLY_LIGER_FN[model_type] is hf_yoco.integrations.apply_liger_kernel_to_hf_yoco
+assert not any(type(finder).__name__ == "_RegisterWhenLigerImports" for finder in sys.meta_path)
+"""
+
+
+@pytest.mark.parametrize("liger_first", [False, True], ids=["hf_yoco_first", "liger_first"])
+def test_registration_without_importing_liger(liger_first):
+    """`import hf_yoco` does not import liger-kernel (about 0.5 s), yet both model types are in Liger's registry
+    once Liger's lookups (Trainer, `AutoLigerKernelForCausalLM`) are importable, whichever package comes first."""
+    script = f"LIGER_FIRST = {liger_first}\n{REGISTRATION_SCRIPT}"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.parametrize("variant", ["yoco_retention", "yoco_swa", "block"])

@@ -19,6 +19,8 @@ MLPs (`gate_proj`, `up_proj`, `down_proj`) are left out of the defaults, as for 
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import logging
 import sys
@@ -266,18 +268,47 @@ def apply_liger_kernel_to_hf_yoco(
             head._loss_function = as_attribute(_liger_causal_lm_loss)
 
 
+_LIGER_REGISTRY_MODULE = "liger_kernel.transformers.monkey_patch"  # defines MODEL_TYPE_TO_APPLY_LIGER_FN
+
+
+def _add_to_liger_registry(registry: dict[str, Callable]) -> None:
+    for model_type in LIGER_MODEL_TYPES:
+        registry.setdefault(model_type, apply_liger_kernel_to_hf_yoco)
+
+
+class _RegisterWhenLigerImports(importlib.abc.MetaPathFinder):
+    """One-shot import hook: adds hf_yoco to Liger's `MODEL_TYPE_TO_APPLY_LIGER_FN` right after Liger's import of its
+    registry module has run. Every reader of that dict (Trainer's `use_liger_kernel`, `AutoLigerKernelForCausalLM`,
+    `_apply_liger_kernel_to_instance`) lives in, or imports from, that module, so it is always registered in time."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname != _LIGER_REGISTRY_MODULE:
+            return None
+        sys.meta_path.remove(self)  # the other finders locate the module itself
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and hasattr(spec.loader, "exec_module"):
+            exec_module = spec.loader.exec_module
+
+            def exec_module_and_register(module: Any) -> None:
+                exec_module(module)
+                _add_to_liger_registry(module.MODEL_TYPE_TO_APPLY_LIGER_FN)
+
+            spec.loader.exec_module = exec_module_and_register
+        return spec
+
+
 def register_liger() -> bool:
     """Register hf_yoco's model types with Liger (`use_liger_kernel=True`, `AutoLigerKernelForCausalLM`).
 
-    Returns False when liger-kernel is absent or fails to import (it imports triton); hf_yoco itself never needs it.
+    Liger is not imported for this (it takes about half a second and imports its Triton ops): when its registry
+    module is already loaded the types are added now, otherwise an import hook adds them as soon as Liger loads it.
+    Returns False when liger-kernel is not installed; hf_yoco itself never needs it.
     """
     if importlib.util.find_spec("liger_kernel") is None:
         return False
-    try:
-        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-    except Exception as error:  # a broken triton / liger install must never break `import hf_yoco`
-        logger.debug("liger-kernel is installed but failed to import (%s); not registering hf_yoco with it.", error)
-        return False
-    for model_type in LIGER_MODEL_TYPES:
-        MODEL_TYPE_TO_APPLY_LIGER_FN.setdefault(model_type, apply_liger_kernel_to_hf_yoco)
+    registry = getattr(sys.modules.get(_LIGER_REGISTRY_MODULE), "MODEL_TYPE_TO_APPLY_LIGER_FN", None)
+    if registry is not None:
+        _add_to_liger_registry(registry)
+    elif not any(isinstance(finder, _RegisterWhenLigerImports) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterWhenLigerImports())
     return True
