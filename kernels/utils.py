@@ -108,17 +108,23 @@ def next_power_of_2(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
-def warp_configs(warps: tuple[int, ...] = (2, 4, 8), stages: tuple[int, ...] = (1, 2, 3)) -> list[Any]:
-    """Autotune candidates for kernels whose tiles the algorithm fixes: only `num_warps` x `num_stages` vary.
+def autotune_configs(
+    warps: tuple[int, ...] = (2, 4, 8),
+    stages: tuple[int, ...] = (1, 2, 3),
+    tiles: tuple[dict[str, int], ...] = ({},),
+    interpreter_tile: dict[str, int] | None = None,
+) -> list[Any]:
+    """Autotune candidates: every `tiles` meta-parameter set x `num_warps` x `num_stages` (the default, no tiles, is
+    for kernels whose tiles the algorithm fixes).
 
-    Under `TRITON_INTERPRET=1` one default config (autotuning needs a GPU, and the interpreter ignores both).
-    Imports triton (call it from the kernel modules only).
+    Under `TRITON_INTERPRET=1` one config, `interpreter_tile` (autotuning needs a GPU, and the interpreter ignores
+    warps and stages). Imports triton (call it from the kernel modules only).
     """
     import triton
 
     if is_interpreter():
-        return [triton.Config({})]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in stages]
+        return [triton.Config(dict(interpreter_tile or {}))]
+    return [triton.Config(dict(tile), num_warps=w, num_stages=s) for tile in tiles for w in warps for s in stages]
 
 
 def patch_triton_interpreter_for_liger() -> Callable[[], None]:

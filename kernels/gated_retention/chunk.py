@@ -16,12 +16,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import input_guard, next_power_of_2, warp_configs
+from ..utils import autotune_configs, input_guard, next_power_of_2
 
 MAX_HEAD_DIM = 256
 
 
-@triton.autotune(configs=warp_configs(), key=["H", "K", "V", "BT", "BK", "BV"])
+@triton.autotune(configs=autotune_configs(), key=["H", "K", "V", "BT", "BK", "BV"])
 @triton.jit
 def chunk_gated_retention_fwd_kernel(
     q,  # [TT, H, K]
@@ -83,7 +83,7 @@ def chunk_gated_retention_fwd_kernel(
         tl.store(ht + i_nh * K * V + o_k[:, None] * V + o_v[None, :], b_h, mask=m_h)
 
 
-@triton.autotune(configs=warp_configs(), key=["H", "K", "V", "BT", "BK", "BV"])
+@triton.autotune(configs=autotune_configs(), key=["H", "K", "V", "BT", "BK", "BV"])
 @triton.jit
 def chunk_gated_retention_bwd_kernel_dq(
     q,  # [TT, H, K]
@@ -144,7 +144,7 @@ def chunk_gated_retention_bwd_kernel_dq(
         b_h = b_h * tl.exp(b_g_last) + tl.dot(tl.trans(b_k * tl.exp(b_g_last - b_g)[:, None]), b_v)
 
 
-@triton.autotune(configs=warp_configs(), key=["H", "K", "V", "BT", "BK", "BV"])
+@triton.autotune(configs=autotune_configs(), key=["H", "K", "V", "BT", "BK", "BV"])
 @triton.jit
 def chunk_gated_retention_bwd_kernel_dkv(
     q,  # [TT, H, K]

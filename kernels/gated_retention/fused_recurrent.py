@@ -11,11 +11,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import next_power_of_2, warp_configs
+from ..utils import autotune_configs, next_power_of_2
 from .chunk import apply_gated_retention
 
 
-@triton.autotune(configs=warp_configs(), key=["H", "K", "V", "BK", "BV"])
+@triton.autotune(configs=autotune_configs(), key=["H", "K", "V", "BK", "BV"])
 @triton.jit
 def fused_recurrent_gated_retention_fwd_kernel(
     q,  # [TT, H, K]

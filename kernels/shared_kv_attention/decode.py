@@ -12,12 +12,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import attention_inputs, input_guard, is_interpreter, next_power_of_2, warp_configs
+from ..utils import attention_inputs, autotune_configs, input_guard, is_interpreter, next_power_of_2
 
 NEG_INF = -1e30
 
 
-@triton.autotune(configs=warp_configs(), key=["H", "HKV", "D", "BR", "BN"])
+@triton.autotune(configs=autotune_configs(), key=["H", "HKV", "D", "BR", "BN"])
 @triton.jit
 def shared_kv_attention_split_kernel(
     q,  # [B, T, H, D]

@@ -15,28 +15,23 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import attention_inputs, input_guard, is_interpreter, next_power_of_2
+from ..utils import attention_inputs, autotune_configs, input_guard, next_power_of_2
 
 NEG_INF = -1e30  # finite: a fully masked row must not give exp(-inf - -inf) = NaN
 # (BM, BN) query x key tiles tried by the autotuner on a GPU (each with 4/8 warps and 2/3 pipeline stages).
 GPU_TILES = ((128, 64), (64, 64), (64, 32), (32, 32))
 INTERPRETER_TILE = (64, 64)  # the interpreter's cost scales with the number of block operations: big tiles
 
-
-def tile_configs() -> list[triton.Config]:
-    """Autotune candidates on a GPU; one fixed config under `TRITON_INTERPRET=1` (autotuning needs a GPU)."""
-    if is_interpreter():
-        return [triton.Config(dict(zip(("BM", "BN"), INTERPRETER_TILE)))]
-    return [
-        triton.Config({"BM": bm, "BN": bn}, num_warps=warps, num_stages=stages)
-        for bm, bn in GPU_TILES
-        for warps in (4, 8)
-        for stages in (2, 3)
-    ]
-
-
 # Tuned once per head layout, head dim and window (not per length: prefill lengths vary call to call).
-autotune = triton.autotune(configs=tile_configs(), key=["H", "HKV", "D", "WINDOW"])
+autotune = triton.autotune(
+    configs=autotune_configs(
+        warps=(4, 8),
+        stages=(2, 3),
+        tiles=tuple({"BM": bm, "BN": bn} for bm, bn in GPU_TILES),
+        interpreter_tile=dict(zip(("BM", "BN"), INTERPRETER_TILE)),
+    ),
+    key=["H", "HKV", "D", "WINDOW"],
+)
 
 
 @autotune
