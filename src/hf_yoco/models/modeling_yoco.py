@@ -149,13 +149,6 @@ def recurrent_gated_retention(
     return out.to(dtype), state if output_final_state else None
 
 
-SLIDING_WINDOW_MIN_CHUNK = 512  # smallest self-decoder chunk used for block-sparse sliding-window prefill
-
-# --------------------------------------------------------------------------------------------------------------------
-# Cache
-# --------------------------------------------------------------------------------------------------------------------
-
-
 def varlen_gated_retention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -186,6 +179,13 @@ def packed_cu_seqlens(packed_sequences: torch.Tensor) -> torch.Tensor:
     starts = F.pad(packed_sequences.diff(dim=-1) != 0, (1, 0), value=True)  # [B, T]; a sequence never spans two rows
     total = torch.tensor([starts.numel()], device=starts.device)
     return torch.cat([starts.flatten().nonzero().flatten(), total])
+
+
+SLIDING_WINDOW_MIN_CHUNK = 512  # smallest self-decoder chunk used for block-sparse sliding-window prefill
+
+# --------------------------------------------------------------------------------------------------------------------
+# Cache
+# --------------------------------------------------------------------------------------------------------------------
 
 
 class YocoGlobalKVLayer(DynamicLayer):
