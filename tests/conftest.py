@@ -4,7 +4,7 @@ import pytest
 import torch
 
 # Triton kernels (hf_yoco's and Liger's) run on CPU CI through the Triton interpreter. The variable must be set before
-# any kernel is decorated, i.e. before `import hf_yoco` imports liger-kernel, so it is set here, first, and only when
+# any kernel is decorated (before triton or liger-kernel is first imported), so it is set here, first, and only when
 # no CUDA device is present. It changes nothing else: with `kernel_backend="auto"` CPU tensors stay on PyTorch, and
 # Liger's kernels only run in models patched with `apply_liger_kernel_to_hf_yoco`.
 if not torch.cuda.is_available():

@@ -35,8 +35,7 @@ MODEL_ALIASES = {
     "block": "hf_yoco_block_transformer",
     "block_transformer": "hf_yoco_block_transformer",
     "hf_yoco_block_transformer": "hf_yoco_block_transformer",
-    "llama": "llama",  # the same-size baseline of `hf-yoco bench` and the profiling script
-}
+}  # the models `hf-yoco train` builds; `tiny_config` also takes "llama" (the same-size baseline of the benchmarks)
 
 
 def tiny_config(
@@ -88,7 +87,7 @@ def tiny_config(
     elif model_type == "llama":
         kwargs = dict(num_hidden_layers=num_layers)
     else:
-        raise ValueError(f"unknown model {model!r}; choose from {sorted(MODEL_ALIASES)}")
+        raise ValueError(f"unknown model {model!r}; choose from {sorted([*MODEL_ALIASES, 'llama'])}")
     return AutoConfig.for_model(model_type, **{**common, **kwargs, **overrides})
 
 
@@ -100,6 +99,8 @@ def build_model(args: argparse.Namespace, tokenizer) -> PreTrainedModel:
 
     if args.init_from:
         return AutoModelForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+    if args.model not in MODEL_ALIASES:  # (not the Llama baseline `tiny_config` also builds)
+        raise ValueError(f"unknown model {args.model!r}; choose from {sorted(MODEL_ALIASES)}")
     config = tiny_config(
         args.model,
         vocab_size=len(tokenizer),
