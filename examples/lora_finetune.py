@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_yoco  # noqa: F401  (model types + default LoRA targets)
 from hf_yoco import data as data_lib
+from hf_yoco import output_cache
 from hf_yoco.training import add_arguments, train
 
 
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         eval_loss_lora=lora_loss,
         merged_max_abs_logit_diff=(merged_logits - unmerged_logits).abs().max().item(),
         same_greedy_tokens=bool(torch.equal(gen.sequences, merged_gen)),
-        cache_type=type(gen.past_key_values).__name__,
+        cache_type=type(output_cache(gen)).__name__,
         sample=tokenizer.decode(gen.sequences[0], skip_special_tokens=True),
     )
     print(json.dumps(result, indent=2))

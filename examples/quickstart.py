@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import hf_yoco  # noqa: F401  (registers "hf_yoco" with the Auto classes)
-from hf_yoco import YocoConfig
+from hf_yoco import YocoConfig, output_cache
 from hf_yoco.bench import cache_bytes
 
 COMMON = dict(
@@ -56,7 +56,7 @@ def compare_caches(configs: dict, prompt: torch.Tensor, predict, **generate_kwar
             )
         seconds = time.perf_counter() - start
         predicted = predict(config, out)
-        rows.append((name, cache_bytes(out.past_key_values), predicted, seconds, out.sequences[0, -8:].tolist()))
+        rows.append((name, cache_bytes(output_cache(out)), predicted, seconds, out.sequences[0, -8:].tolist()))
     return rows
 
 

@@ -19,7 +19,7 @@ from quickstart import compare_caches, print_cache_table  # examples/quickstart.
 from transformers import LlamaConfig
 
 import hf_yoco  # noqa: F401  (registers "hf_yoco_block_transformer" with the Auto classes)
-from hf_yoco import BlockTransformerConfig
+from hf_yoco import BlockTransformerConfig, output_cache
 
 WIDTH = dict(
     vocab_size=8192,
@@ -59,7 +59,7 @@ def main() -> None:
     def predict(config, out) -> int | None:
         if not isinstance(config, BlockTransformerConfig):
             return None
-        print("Block Transformer cache parts (bytes):", out.past_key_values.memory_bytes())
+        print("Block Transformer cache parts (bytes):", output_cache(out).memory_bytes())
         # the unpadded row has seen every token but the last generated one
         return block_transformer_prediction(config, 2, out.sequences.shape[1] - 1)
 

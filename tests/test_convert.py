@@ -8,8 +8,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from hf_yoco import output_cache
 from hf_yoco.cli import main as cli_main
 from hf_yoco.convert import convert_official_yoco, official_yoco_config, official_yoco_key_map, yocofy_llama
+
+pytestmark = pytest.mark.transformers_compat
 
 GRET_PARAMS = dict(
     dim=32, n_layers=4, hidden_dim=48, n_self_heads=2, n_attn_heads=4, n_attn_kv_heads=2, vocab_size=50,
@@ -114,9 +117,7 @@ def test_official_yoco_converter_matches_reference_forward(tmp_path, params):
         torch.testing.assert_close(model(ids).logits, expected, atol=1e-4, rtol=1e-4)
         # ... and the cached decode path of the converted model agrees too.
         out = model(ids[:, :5], use_cache=True)
-        steps = [out.logits] + [
-            model(ids[:, t : t + 1], past_key_values=out.past_key_values).logits for t in range(5, 9)
-        ]
+        steps = [out.logits] + [model(ids[:, t : t + 1], cache=output_cache(out)).logits for t in range(5, 9)]
         torch.testing.assert_close(torch.cat(steps, 1), expected, atol=1e-4, rtol=1e-4)
 
 

@@ -19,6 +19,8 @@ from hf_yoco.convert import (
 )
 from hf_yoco.models.modeling_block_transformer import BlockTransformerForCausalLM
 
+pytestmark = pytest.mark.transformers_compat
+
 TOLERANCE = dict(atol=1e-4, rtol=1e-4)  # fp32 reference vs converted model
 VOCAB = 50
 

@@ -12,6 +12,8 @@ from transformers.utils import hub as transformers_hub
 import hf_yoco
 from hf_yoco.hub import create_model_card
 
+pytestmark = pytest.mark.transformers_compat
+
 YOCO = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4)
 BLOCK = dict(
     vocab_size=64, hidden_size=32, intermediate_size=64, block_length=4, num_block_decoder_layers=2,

@@ -10,8 +10,11 @@ from training_utils import REPO, hamlet, tiny_args
 from transformers import AutoModelForCausalLM, set_seed
 
 import hf_yoco
+from hf_yoco import output_cache
 from hf_yoco.integrations import LORA_TARGET_MODULES
 from hf_yoco.training import build_model
+
+pytestmark = pytest.mark.transformers_compat
 
 VARIANTS = ["yoco_retention", "yoco_swa", "block"]
 CACHES = {"yoco_retention": hf_yoco.YocoCache, "yoco_swa": hf_yoco.YocoCache, "block": hf_yoco.BlockTransformerCache}
@@ -70,7 +73,7 @@ def test_merge_generate_and_adapter_round_trip(tmp_path, tok, variant):
     # PeftModel.generate goes through the model's own cache
     prompt = ids[:, :12]
     out = peft_model.generate(input_ids=prompt, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
-    assert out.sequences.shape == (2, 20) and isinstance(out.past_key_values, CACHES[variant])
+    assert out.sequences.shape == (2, 20) and isinstance(output_cache(out), CACHES[variant])
     # greedy decoding with the cache == argmax of a full forward pass (teacher forcing on the generated tokens)
     with torch.no_grad():
         full = peft_model(input_ids=out.sequences).logits

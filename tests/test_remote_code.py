@@ -1,4 +1,8 @@
-"""A saved checkpoint loads with `trust_remote_code=True` in an interpreter where hf_yoco cannot be imported."""
+"""A saved checkpoint loads with `trust_remote_code=True` in an interpreter where hf_yoco cannot be imported, also
+under another supported transformers release than the one that saved it.
+
+The cross-release test needs a second interpreter whose transformers is another supported release (CI builds one
+with the oldest supported transformers): `HF_YOCO_OTHER_PYTHON=/path/to/python`. Without it, it is skipped."""
 
 import json
 import os
@@ -8,13 +12,20 @@ import textwrap
 
 import pytest
 import torch
+import transformers
+from tiny_models import CONFIGS
 from transformers import AutoModelForCausalLM
 
-import hf_yoco
+pytestmark = pytest.mark.transformers_compat
+
+OTHER_PYTHON = os.environ.get("HF_YOCO_OTHER_PYTHON")
 
 REMOTE_SCRIPT = textwrap.dedent(
     """
-    import importlib.abc, json, sys
+    import importlib.abc, json, sys, warnings
+
+    # The remote code must not use a deprecated cache keyword of this release either.
+    warnings.filterwarnings("error", message=".*past_key_values.*", category=FutureWarning)
 
     class BlockHfYoco(importlib.abc.MetaPathFinder):  # hf_yoco is installed here: make it unimportable
         def find_spec(self, name, path=None, target=None):
@@ -23,6 +34,7 @@ REMOTE_SCRIPT = textwrap.dedent(
 
     sys.meta_path.insert(0, BlockHfYoco())
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM
 
     checkpoint, input_path, output_path = sys.argv[1:4]
@@ -32,24 +44,45 @@ REMOTE_SCRIPT = textwrap.dedent(
     with torch.no_grad():
         logits = model(inputs).logits
         generated = model.generate(inputs, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    torch.save({"logits": logits, "generated": generated, "module": type(model).__module__}, output_path)
+    module, version = type(model).__module__, transformers.__version__
+    torch.save({"logits": logits, "generated": generated, "module": module, "transformers": version}, output_path)
     """
 )
 
-CONFIGS = {
-    "yoco-swa": lambda: hf_yoco.YocoConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, self_decoder_type="sliding_window", sliding_window=4,
-    ),
-    "yoco-gret": lambda: hf_yoco.YocoConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        retention_chunk_size=4, official_numerics=True,
-    ),
-    "block-transformer": lambda: hf_yoco.BlockTransformerConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, block_length=4, num_block_decoder_layers=2,
-        num_token_decoder_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    ),
-}  # fmt: skip
+# Run where hf_yoco is importable: load a checkpoint with hf_yoco, save it again under this interpreter's transformers,
+# and record the reference outputs.
+RESAVE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+    import hf_yoco
+
+    source, checkpoint, input_path, output_path = sys.argv[1:5]
+    model = AutoModelForCausalLM.from_pretrained(source).eval()
+    assert type(model).__module__.startswith("hf_yoco.")
+    model.save_pretrained(checkpoint)
+    inputs = torch.load(input_path)
+    with torch.no_grad():
+        logits = model(inputs).logits
+        generated = model.generate(inputs, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    torch.save({"logits": logits, "generated": generated, "transformers": transformers.__version__}, output_path)
+    """
+)
+
+
+def run_script(python: str, script: str, *args, tmp_path) -> dict:
+    """Run `script` in a fresh `python` process (own HF caches) and load the dict it saves as its last argument."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    subprocess.run([python, "-c", script, *map(str, args)], check=True, env=env, timeout=300)
+    return torch.load(args[-1])
+
+
+def assert_same_outputs(reference: dict, other: dict) -> None:
+    # Same weights and code path; only the reduction order may differ between processes (thread counts).
+    torch.testing.assert_close(other["logits"], reference["logits"], atol=1e-5, rtol=0)
+    assert torch.equal(other["generated"], reference["generated"])
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -65,18 +98,61 @@ def test_remote_code_load_without_package(tmp_path, name):
 
     inputs = torch.randint(1, 64, (2, 11))
     torch.save(inputs, tmp_path / "inputs.pt")
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    subprocess.run(
-        [sys.executable, "-c", REMOTE_SCRIPT, str(checkpoint), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
-        check=True,
-        env=env,
-        timeout=300,
+    remote = run_script(
+        sys.executable, REMOTE_SCRIPT, checkpoint, tmp_path / "inputs.pt", tmp_path / "out.pt", tmp_path=tmp_path
     )
-    remote = torch.load(tmp_path / "out.pt")
     assert remote["module"].startswith("transformers_modules.")
+    assert_same_outputs(local_outputs(model, inputs), remote)
+
+
+def local_outputs(model, inputs: torch.Tensor) -> dict:
     with torch.no_grad():
-        # Same weights and code path; only the reduction order may differ between processes (thread counts).
-        torch.testing.assert_close(remote["logits"], model(inputs).logits, atol=1e-5, rtol=0)
-        assert torch.equal(
-            remote["generated"], model.generate(inputs, max_new_tokens=6, do_sample=False, pad_token_id=0)
-        )
+        logits = model(inputs).logits
+        generated = model.generate(inputs, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    return {"logits": logits, "generated": generated}
+
+
+@pytest.mark.skipif(
+    OTHER_PYTHON is None, reason="HF_YOCO_OTHER_PYTHON (an interpreter with another transformers) unset"
+)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_checkpoint_moves_between_transformers_releases(tmp_path, name):
+    """Saved under this release -> remote code under the other one, and saved under the other -> remote code here:
+    same logits and greedy tokens both ways."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[name]()).eval()
+    model.save_pretrained(tmp_path / "here")
+    inputs = torch.randint(1, 64, (2, 11))
+    torch.save(inputs, tmp_path / "inputs.pt")
+    reference = local_outputs(model, inputs)
+
+    there = run_script(
+        OTHER_PYTHON,
+        REMOTE_SCRIPT,
+        tmp_path / "here",
+        tmp_path / "inputs.pt",
+        tmp_path / "there.pt",
+        tmp_path=tmp_path,
+    )
+    assert there["transformers"] != transformers.__version__, "HF_YOCO_OTHER_PYTHON has the same transformers"
+    assert_same_outputs(reference, there)
+
+    saved_there = run_script(
+        OTHER_PYTHON, RESAVE_SCRIPT, tmp_path / "here", tmp_path / "there_ckpt", tmp_path / "inputs.pt",
+        tmp_path / "saved_there.pt", tmp_path=tmp_path,
+    )  # fmt: skip
+    assert (
+        json.loads((tmp_path / "there_ckpt" / "config.json").read_text())["transformers_version"]
+        == there["transformers"]
+    )
+    back_here = run_script(
+        sys.executable,
+        REMOTE_SCRIPT,
+        tmp_path / "there_ckpt",
+        tmp_path / "inputs.pt",
+        tmp_path / "back.pt",
+        tmp_path=tmp_path,
+    )
+    assert back_here["module"].startswith("transformers_modules.")
+    assert_same_outputs(saved_there, back_here)
+    assert_same_outputs(reference, back_here)

@@ -17,6 +17,8 @@ from transformers import (
 from hf_yoco.cli import main as cli_main
 from hf_yoco.training import build_model, train
 
+pytestmark = pytest.mark.transformers_compat
+
 VARIANTS = ["yoco_retention", "yoco_swa", "block"]
 
 

@@ -5,10 +5,16 @@
     model_type "hf_yoco"  -> YocoConfig, YocoModel, YocoForCausalLM
     model_type "hf_yoco_block_transformer" -> BlockTransformerConfig, BlockTransformerModel,
                                               BlockTransformerForCausalLM
+
+It first checks that the installed transformers is a release CI tests (`hf_yoco.compat`). `CACHE_NAME`,
+`output_cache(outputs)` and `cache_kwarg(cache)` spell the cache the way the installed release does
+(`past_key_values` up to 5.23, `cache` from 5.24).
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+# First of the package's own imports: importing `compat` checks the transformers release, before any model code.
+from .compat import supported_transformers
 from .integrations import register_liger, register_peft
 from .models.configuration_block_transformer import BlockTransformerConfig
 from .models.configuration_yoco import YocoConfig
@@ -18,6 +24,7 @@ from .models.modeling_block_transformer import (
     BlockTransformerModel,
     BlockTransformerPreTrainedModel,
 )
+from .models.modeling_common import CACHE_NAME, cache_kwarg, output_cache
 from .models.modeling_yoco import YocoCache, YocoForCausalLM, YocoModel, YocoPreTrainedModel
 
 __version__ = "0.1.0"
@@ -38,6 +45,7 @@ register_peft()  # default LoRA target modules for both model types (only if pef
 register_liger()  # `use_liger_kernel=True` / AutoLigerKernelForCausalLM for both model types (if liger is installed)
 
 __all__ = [
+    "CACHE_NAME",
     "BlockTransformerCache",
     "BlockTransformerConfig",
     "BlockTransformerForCausalLM",
@@ -48,4 +56,7 @@ __all__ = [
     "YocoForCausalLM",
     "YocoModel",
     "YocoPreTrainedModel",
+    "cache_kwarg",
+    "output_cache",
+    "supported_transformers",
 ]

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from .models.modeling_common import cache_kwarg, output_cache
+
 # bench model name -> `hf_yoco.training.tiny_config` arguments that pick the architecture
 MODEL_KWARGS = {
     "llama": dict(model="llama"),
@@ -168,13 +170,13 @@ def measure_point(name: str, settings: BenchSettings, context: int) -> dict:
         out = model(input_ids, use_cache=True, logits_to_keep=1)
         result["prefill_s"] = time.perf_counter() - start
         result["prefill_peak_mib"] = max(_rss_kib("VmHWM") - baseline, 0) / 1024
-        cache = out.past_key_values
+        cache = output_cache(out)
         result["cache_bytes"] = cache_bytes(cache)
         result["cache_bytes_arithmetic"] = arithmetic_cache_bytes(name, settings, context)
         token = out.logits[:, -1:].argmax(-1)
         start = time.perf_counter()
         for _ in range(settings.decode_tokens):
-            out = model(token, past_key_values=cache, use_cache=True)
+            out = model(token, **cache_kwarg(cache), use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
         result["decode_tok_s"] = settings.decode_tokens / (time.perf_counter() - start)
         if context == settings.throughput_context:
@@ -188,7 +190,7 @@ def measure_point(name: str, settings: BenchSettings, context: int) -> dict:
             steps = max(2, settings.decode_tokens // 2)
             start = time.perf_counter()
             for _ in range(steps):
-                out = model(tokens, past_key_values=cache, use_cache=True)
+                out = model(tokens, **cache_kwarg(cache), use_cache=True)
                 tokens = out.logits[:, -1:].argmax(-1)
             step_s = (time.perf_counter() - start) / steps
             result["max_batch_decode_tok_s"] = batch / step_s
@@ -220,7 +222,7 @@ def measure_decode_heavy(name: str, settings: BenchSettings) -> dict:
         "new_tokens": settings.decode_heavy_new_tokens,
         "seconds": seconds,
         "tok_s": new_tokens / seconds,
-        "cache_bytes": cache_bytes(out.past_key_values),
+        "cache_bytes": cache_bytes(output_cache(out)),
     }
 
 

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .models.modeling_common import output_cache
+
 
 def fsdp2_shard(model: torch.nn.Module, mesh=None, **kwargs) -> torch.nn.Module:
     """`fully_shard` each decoder layer (`model._no_split_modules`), then the root. Returns the (same) model."""
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         max_param_diff_vs_reference=max_diff,
         generated=gen.sequences[0].tolist(),
         reference_generated=ref_gen[0].tolist(),
-        cache_type=type(gen.past_key_values).__name__,
+        cache_type=type(output_cache(gen)).__name__,
     )
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

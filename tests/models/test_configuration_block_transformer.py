@@ -8,6 +8,8 @@ from transformers import AutoConfig
 import hf_yoco  # noqa: F401  (registers the Auto classes)
 from hf_yoco.models.configuration_block_transformer import BlockTransformerConfig
 
+pytestmark = pytest.mark.transformers_compat
+
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=4)
 
 

@@ -12,6 +12,8 @@ from transformers.cache_utils import (
 import hf_yoco
 from hf_yoco import YocoConfig
 
+pytestmark = pytest.mark.transformers_compat
+
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4)
 
 

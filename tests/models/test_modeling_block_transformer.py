@@ -27,12 +27,15 @@ from transformers import (
 )
 
 import hf_yoco
+from hf_yoco import cache_kwarg, output_cache
 from hf_yoco.models.configuration_block_transformer import BlockTransformerConfig
 from hf_yoco.models.modeling_block_transformer import (
     BlockTransformerCache,
     BlockTransformerForCausalLM,
     BlockTransformerModel,
 )
+
+pytestmark = pytest.mark.transformers_compat
 
 ATOL = 1e-5
 VOCAB = 64
@@ -173,9 +176,9 @@ def test_incremental_decoding_matches_full_forward(variant):
         for prompt_len in range(1, 2 * L + 2):
             out = model(ids[:, :prompt_len], use_cache=True)
             torch.testing.assert_close(out.logits, full[:, :prompt_len], atol=ATOL, rtol=0)
-            cache = out.past_key_values
+            cache = output_cache(out)
             assert isinstance(cache, BlockTransformerCache) and cache.get_seq_length() == prompt_len
-            steps = [model(ids[:, t : t + 1], past_key_values=cache).logits[:, 0] for t in range(prompt_len, total)]
+            steps = [model(ids[:, t : t + 1], cache=cache).logits[:, 0] for t in range(prompt_len, total)]
             torch.testing.assert_close(torch.stack(steps, 1), full[:, prompt_len:], atol=ATOL, rtol=0)
             assert cache.get_seq_length() == total
 
@@ -185,9 +188,9 @@ def test_multi_token_input_with_cache(model):
     ids = torch.randint(3, VOCAB, (2, 14))
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-        cache = model(ids[:, :3]).past_key_values
-        chunk = model(ids[:, 3:9], past_key_values=cache).logits
-        last = model(ids[:, 9:], past_key_values=cache, logits_to_keep=1).logits
+        cache = output_cache(model(ids[:, :3]))
+        chunk = model(ids[:, 3:9], cache=cache).logits
+        last = model(ids[:, 9:], cache=cache, logits_to_keep=1).logits
     torch.testing.assert_close(chunk, full[:, 3:9], atol=ATOL, rtol=0)
     torch.testing.assert_close(last, full[:, -1:], atol=ATOL, rtol=0)
 
@@ -251,7 +254,7 @@ def test_invalid_inputs_raise(model):
     with pytest.raises(ValueError, match="inputs_embeds"):
         model(inputs_embeds=torch.randn(1, 6, 32))
     with pytest.raises(ValueError, match="BlockTransformerCache"):
-        model(ids, past_key_values=DynamicCache())
+        model(ids, cache=DynamicCache())
 
 
 def test_gpt_neox_style_block_decoder_matches_transformers_gpt_neox():
@@ -429,17 +432,17 @@ def test_sampling_with_num_return_sequences(model):
     assert torch.equal(out[:, :5], ids.repeat_interleave(3, 0))
 
 
-def test_continue_from_returned_past_key_values(model):
+def test_continue_from_returned_cache(model):
     torch.manual_seed(14)
     rows = [torch.randint(3, VOCAB, (n,)) for n in (6, 3)]
     ids, mask = left_pad(rows)
     kwargs = dict(return_dict_in_generate=True, **GEN)
     reference = model.generate(ids, attention_mask=mask, max_new_tokens=7, **kwargs)
     first = model.generate(ids, attention_mask=mask, max_new_tokens=3, **kwargs)
-    assert isinstance(first.past_key_values, BlockTransformerCache)
+    assert isinstance(output_cache(first), BlockTransformerCache)
     mask2 = torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype)], 1)
     second = model.generate(
-        first.sequences, attention_mask=mask2, past_key_values=first.past_key_values, max_new_tokens=4, **kwargs
+        first.sequences, attention_mask=mask2, **cache_kwarg(output_cache(first)), max_new_tokens=4, **kwargs
     )
     assert torch.equal(second.sequences, reference.sequences)
 
@@ -501,14 +504,14 @@ def test_cache_layout_and_memory_bytes(model):
     torch.manual_seed(15)
     ids = torch.randint(3, VOCAB, (2, 4 * L + 1))
     with torch.no_grad():
-        cache = model(ids[:, :-1]).past_key_values  # 4 complete blocks, nothing pending
+        cache = output_cache(model(ids[:, :-1]))  # 4 complete blocks, nothing pending
         memory = cache.memory_bytes()
         assert memory["block_decoder_kv"] == cfg.num_block_decoder_layers * 2 * 2 * 4 * kv_width * 4
         assert memory["token_decoder_kv"] == cfg.num_token_decoder_layers * 2 * 2 * (k + L - 1) * kv_width * 4
         assert memory["total"] == sum(v for key, v in memory.items() if key != "total")
         assert cache.num_blocks.tolist() == [4, 4] and cache.num_pending.tolist() == [0, 0]
         for _t in range(3 * L):  # the local state never grows; the block KV grows by one per block
-            model(ids[:, -1:], past_key_values=cache)
+            model(ids[:, -1:], cache=cache)
             assert cache.memory_bytes()["token_decoder_kv"] == memory["token_decoder_kv"]
         assert cache.layers[0].keys.shape[-2] == 4 + 3
         assert cache.get_seq_length() == 4 * L + 3 * L
@@ -521,31 +524,31 @@ def test_cache_reorder_select_repeat_reset_crop(model):
         full = model(ids, use_cache=False).logits
 
         def run(prompt_ids, rest_ids):
-            cache = model(prompt_ids).past_key_values
-            return cache, [model(rest_ids[:, t : t + 1], past_key_values=cache).logits[:, 0] for t in range(2)]
+            cache = output_cache(model(prompt_ids))
+            return cache, [model(rest_ids[:, t : t + 1], cache=cache).logits[:, 0] for t in range(2)]
 
         # reorder_cache (beam search) / batch_select_indices / batch_repeat_interleave
-        cache = model(ids[:, :9]).past_key_values
+        cache = output_cache(model(ids[:, :9]))
         cache.reorder_cache(torch.tensor([2, 0, 1]))
-        out = model(ids[[2, 0, 1], 9:10], past_key_values=cache).logits[:, 0]
+        out = model(ids[[2, 0, 1], 9:10], cache=cache).logits[:, 0]
         torch.testing.assert_close(out, full[[2, 0, 1], 9], atol=ATOL, rtol=0)
-        cache = model(ids[:, :9]).past_key_values
+        cache = output_cache(model(ids[:, :9]))
         cache.batch_select_indices(torch.tensor([1]))
         cache.batch_repeat_interleave(2)
-        out = model(ids[[1, 1], 9:10], past_key_values=cache).logits[:, 0]
+        out = model(ids[[1, 1], 9:10], cache=cache).logits[:, 0]
         torch.testing.assert_close(out, full[[1, 1], 9], atol=ATOL, rtol=0)
         # crop inside the current block is exact: 10 tokens = 2 blocks + 2 pending -> crop 2 -> 8 tokens
-        cache = model(ids[:, :10]).past_key_values
+        cache = output_cache(model(ids[:, :10]))
         cache.crop(-2)
         assert cache.get_seq_length() == 8
-        out = model(ids[:, 8:11], past_key_values=cache).logits
+        out = model(ids[:, 8:11], cache=cache).logits
         torch.testing.assert_close(out, full[:, 8:11], atol=ATOL, rtol=0)
         with pytest.raises(ValueError, match="block boundary"):
             cache.crop(-4)  # 11 tokens = 2 blocks + 3 pending; removing 4 would reopen block 2
         # reset -> the next forward is a fresh prefill
         cache.reset()
         assert cache.get_seq_length() == 0 and cache.memory_bytes()["total"] == 0
-        out = model(ids[:, :5], past_key_values=cache).logits
+        out = model(ids[:, :5], cache=cache).logits
         torch.testing.assert_close(out, full[:, :5], atol=ATOL, rtol=0)
 
 
@@ -564,8 +567,8 @@ def test_cache_is_smaller_than_llama_cache():
     ).eval()
     ids = torch.randint(3, VOCAB, (1, 64))
     with torch.no_grad():
-        ours = model(ids).past_key_values.memory_bytes()["total"]
-        theirs = llama(ids, use_cache=True).past_key_values
+        ours = output_cache(model(ids)).memory_bytes()["total"]
+        theirs = output_cache(llama(ids, use_cache=True))
     llama_bytes = sum(layer.keys.numel() * 4 + layer.values.numel() * 4 for layer in theirs.layers)
     # block KV (half the layers, 1/4 of the positions) + a bounded local window: far below Llama's
     assert ours < llama_bytes / 4

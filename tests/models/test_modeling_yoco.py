@@ -11,13 +11,15 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM, TextStreamer
 from transformers.cache_utils import LinearAttentionLayer
 
-from hf_yoco import YocoCache, YocoConfig, YocoForCausalLM, YocoModel
+from hf_yoco import YocoCache, YocoConfig, YocoForCausalLM, YocoModel, cache_kwarg, output_cache
 from hf_yoco.models.modeling_common import RotaryEmbedding, apply_rotary
 from hf_yoco.models.modeling_yoco import (
     chunk_gated_retention,
     parallel_gated_retention,
     recurrent_gated_retention,
 )
+
+pytestmark = pytest.mark.transformers_compat
 
 ATOL = 1e-5
 SELF_DECODERS = ["gated_retention", "sliding_window"]
@@ -109,10 +111,10 @@ def test_gated_retention_chunked_state_carry():
 
 
 def _incremental_logits(model, input_ids, prefill: int, cache=None):
-    out = model(input_ids[:, :prefill], past_key_values=cache, use_cache=True)
-    cache, logits = out.past_key_values, [out.logits]
+    out = model(input_ids[:, :prefill], cache=cache, use_cache=True)
+    cache, logits = output_cache(out), [out.logits]
     for t in range(prefill, input_ids.shape[1]):
-        out = model(input_ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        out = model(input_ids[:, t : t + 1], cache=cache, use_cache=True)
         logits.append(out.logits)
     return torch.cat(logits, dim=1), cache
 
@@ -150,11 +152,11 @@ def test_chunked_prefill_equals_one_shot(self_decoder_type, chunk):
         in_chunks = chunked(input_ids, **kwargs)
         torch.testing.assert_close(in_chunks.logits, one_shot.logits, atol=ATOL, rtol=0)
     # The cache left behind continues identically.
-    cache_a, cache_b = one_shot.past_key_values, in_chunks.past_key_values
+    cache_a, cache_b = output_cache(one_shot), output_cache(in_chunks)
     next_ids = torch.randint(1, 64, (2, 1))
     mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
-    a = model(next_ids, attention_mask=mask, past_key_values=cache_a).logits
-    b = chunked(next_ids, attention_mask=mask, past_key_values=cache_b).logits
+    a = model(next_ids, attention_mask=mask, cache=cache_a).logits
+    b = chunked(next_ids, attention_mask=mask, cache=cache_b).logits
     torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 
@@ -207,8 +209,8 @@ def test_left_padding_never_reaches_the_retention_state():
     row = torch.randint(1, 64, (6,))
     ids, mask = _left_pad([row, torch.randint(1, 64, (10,))])
     ids[0, :4] = torch.randint(1, 64, (4,))  # junk under the padding mask
-    cache = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).past_key_values
-    alone = model(row[None]).past_key_values
+    cache = output_cache(model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)))
+    alone = output_cache(model(row[None]))
     for layer_idx in range(2):
         torch.testing.assert_close(
             cache.layers[layer_idx].recurrent_states[0][0],
@@ -268,9 +270,9 @@ def test_data_collator_with_flattening_loss(self_decoder_type):
 def test_packed_sequences_refuse_a_cache_and_flash_attention():
     model = tiny_model("gated_retention")
     ids, position_ids, _ = _packed([3, 4])
-    with pytest.raises(ValueError, match="Packed sequences.*past_key_values"):
-        model(ids, position_ids=position_ids, past_key_values=YocoCache(config=model.config))
-    assert model(ids, position_ids=position_ids, use_cache=True).past_key_values is None
+    with pytest.raises(ValueError, match="Packed sequences.*cache"):
+        model(ids, position_ids=position_ids, cache=YocoCache(config=model.config))
+    assert output_cache(model(ids, position_ids=position_ids, use_cache=True)) is None
     model.config._attn_implementation = "flash_attention_2"  # no block-diagonal mask there: refused, not mixed
     with pytest.raises(ValueError, match="Packed sequences need `attn_implementation`"):
         model(ids, position_ids=position_ids)
@@ -321,10 +323,10 @@ def test_token_before_the_window_changes_final_logits_through_the_global_kv(self
 def test_cache_memory_global_kv_grows_self_decoder_state_constant(self_decoder_type):
     model = tiny_model(self_decoder_type)
     config = model.config
-    cache = model(torch.randint(1, 64, (2, 8))).past_key_values
+    cache = output_cache(model(torch.randint(1, 64, (2, 8))))
     sizes = [cache.memory_bytes()]
     for _ in range(6):
-        cache = model(torch.randint(1, 64, (2, 1)), past_key_values=cache).past_key_values
+        cache = output_cache(model(torch.randint(1, 64, (2, 1)), cache=cache))
         sizes.append(cache.memory_bytes())
     row = 2 * 2 * config.num_key_value_heads * config.head_dim * 4  # K and V, batch 2, fp32
     assert [b["global_kv"] for b in sizes] == [(8 + i) * row for i in range(7)]
@@ -341,7 +343,7 @@ def test_cache_memory_global_kv_grows_self_decoder_state_constant(self_decoder_t
 def test_cache_batch_methods(self_decoder_type):
     model = tiny_model(self_decoder_type)
     input_ids = torch.randint(1, 64, (2, 9))
-    cache = model(input_ids).past_key_values
+    cache = output_cache(model(input_ids))
     repeated = copy.deepcopy(cache)
     repeated.batch_repeat_interleave(2)
     assert repeated.global_key_values[0].shape[0] == 4
@@ -350,10 +352,10 @@ def test_cache_batch_methods(self_decoder_type):
     reordered = copy.deepcopy(cache)
     reordered.reorder_cache(torch.tensor([1, 0]))
     step = torch.randint(1, 64, (2, 1))
-    base = model(step, past_key_values=copy.deepcopy(cache)).logits
-    torch.testing.assert_close(model(step.repeat_interleave(2, 0), past_key_values=repeated).logits[::2], base)
-    torch.testing.assert_close(model(step[[0, 1]], past_key_values=selected).logits, base)  # rows 1,2 = seq 0,1
-    torch.testing.assert_close(model(step.flip(0), past_key_values=reordered).logits, base.flip(0))
+    base = model(step, cache=copy.deepcopy(cache)).logits
+    torch.testing.assert_close(model(step.repeat_interleave(2, 0), cache=repeated).logits[::2], base)
+    torch.testing.assert_close(model(step[[0, 1]], cache=selected).logits, base)  # rows 1,2 = seq 0,1
+    torch.testing.assert_close(model(step.flip(0), cache=reordered).logits, base.flip(0))
     cache.reset()
     assert cache.get_seq_length() == 0
 
@@ -363,14 +365,14 @@ def test_cache_crop_exact_for_swa_refused_for_retention():
     input_ids = torch.randint(1, 64, (1, 12))
     cache = YocoCache(config=model.config)
     cache.activate_past_recording()
-    model(input_ids, past_key_values=cache)
+    model(input_ids, cache=cache)
     cache.crop(-3)
     assert cache.get_seq_length() == 9
     torch.testing.assert_close(
-        model(input_ids[:, 9:], past_key_values=cache).logits, model(input_ids).logits[:, 9:], atol=ATOL, rtol=0
+        model(input_ids[:, 9:], cache=cache).logits, model(input_ids).logits[:, 9:], atol=ATOL, rtol=0
     )
     retention = tiny_model("gated_retention")
-    cache = retention(input_ids).past_key_values
+    cache = output_cache(retention(input_ids))
     with pytest.raises(ValueError, match="gated_retention"):
         cache.crop(-1)
 
@@ -392,10 +394,10 @@ def test_generate_builds_yoco_cache_and_accepts_a_user_cache(self_decoder_type):
     model = tiny_model(self_decoder_type)
     input_ids = torch.randint(1, 64, (1, 7))
     out = greedy(model, input_ids, return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, YocoCache)
+    assert isinstance(output_cache(out), YocoCache)
     user_cache = YocoCache(config=model.config)
-    again = greedy(model, input_ids, past_key_values=user_cache, return_dict_in_generate=True)
-    assert again.past_key_values is user_cache and torch.equal(again.sequences, out.sequences)
+    again = greedy(model, input_ids, **cache_kwarg(user_cache), return_dict_in_generate=True)
+    assert output_cache(again) is user_cache and torch.equal(again.sequences, out.sequences)
     assert user_cache.get_seq_length() == 7 + 6 - 1
 
 
@@ -414,7 +416,7 @@ def test_generate_sampling_inputs_embeds_and_continuation(self_decoder_type):
         model,
         first.sequences,
         attention_mask=torch.ones_like(first.sequences),
-        past_key_values=first.past_key_values,
+        **cache_kwarg(output_cache(first)),
         max_new_tokens=1,
     )
     assert torch.equal(continued, reference)
@@ -579,8 +581,8 @@ def test_cache_is_far_smaller_than_a_same_size_llama():
         )
     ).eval()
     input_ids = torch.randint(1, 64, (1, 64))
-    yoco_bytes = model(input_ids).past_key_values.memory_bytes()["total"]
-    llama_cache = llama(input_ids, use_cache=True).past_key_values
+    yoco_bytes = output_cache(model(input_ids)).memory_bytes()["total"]
+    llama_cache = output_cache(llama(input_ids, use_cache=True))
     llama_bytes = sum(layer.keys.numel() * 4 + layer.values.numel() * 4 for layer in llama_cache.layers)
     expected = 2 * 64 * config.num_key_value_heads * config.head_dim * 4 * (1 + 4 * (WINDOW - 1) / 64)
     assert yoco_bytes == expected
@@ -657,16 +659,16 @@ def test_global_kv_appends_in_place_and_backprop_through_the_cache_works():
     model = tiny_model("sliding_window")
     input_ids = torch.randint(1, 64, (2, 12))
     with torch.no_grad():
-        cache = model(input_ids[:, :8]).past_key_values
+        cache = output_cache(model(input_ids[:, :8]))
         layer = cache.layers[cache.global_kv_layer_idx]
         buffer = None
         for t in range(8, 12):
-            cache = model(input_ids[:, t : t + 1], past_key_values=cache).past_key_values
+            cache = output_cache(model(input_ids[:, t : t + 1], cache=cache))
             buffer = buffer or layer._key_buffer.data_ptr()
             assert layer._key_buffer.data_ptr() == buffer  # appended in place after the first decode step
         assert cache.memory_bytes()["global_kv_reserved"] >= cache.memory_bytes()["global_kv"]
     # With gradients, decoding through the cache still backpropagates (no in-place writes then).
     out = model(input_ids[:, :8], use_cache=True)
-    step = model(input_ids[:, 8:9], past_key_values=out.past_key_values)
+    step = model(input_ids[:, 8:9], cache=output_cache(out))
     (out.logits.sum() + step.logits.sum()).backward()
     assert model.model.global_kv.k_proj.weight.grad.abs().sum() > 0

@@ -61,7 +61,7 @@ class BlockTransformerConfig(PreTrainedConfig):
     """
 
     model_type = "hf_yoco_block_transformer"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]  # the cache output's name up to 5.23 and from 5.24
 
     vocab_size: int = 32000
     hidden_size: int = 512

@@ -63,7 +63,7 @@ class YocoConfig(PreTrainedConfig):
     """
 
     model_type = "hf_yoco"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]  # the cache output's name up to 5.23 and from 5.24
 
     vocab_size: int = 32000
     hidden_size: int = 768

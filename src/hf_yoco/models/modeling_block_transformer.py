@@ -53,6 +53,7 @@ from transformers.utils import can_return_tuple
 
 from .configuration_block_transformer import BlockTransformerConfig
 from .modeling_common import (
+    CACHE_NAME,
     DenseMLP,
     GatedMLP,
     HfYocoModelMixin,
@@ -60,8 +61,11 @@ from .modeling_common import (
     RotaryEmbedding,
     apply_rotary_pos_emb,
     attention_forward,
+    cache_kwarg,
     causal_lm_head_and_loss,
     find_packed_sequences,
+    output_cache,
+    pick_cache,
     tensor_bytes,
 )
 
@@ -184,7 +188,8 @@ class BlockTransformerCache(Cache):
     - `num_tokens` `[B]`: real tokens per row (left padding excluded); `get_seq_length()` is the number of input
       columns processed (left padding included), which is what `generate()` slices `input_ids` with.
 
-    `generate()` creates it by itself; pass one as `past_key_values` to continue or to inspect it (`memory_bytes()`).
+    `generate()` creates it by itself; pass one as `cache` (or `past_key_values`) to continue or to inspect it
+    (`memory_bytes()`).
     `crop` is exact inside the current block and raises across a block boundary (assisted decoding is refused).
     """
 
@@ -327,7 +332,7 @@ class BlockTransformerAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor,
-        past_key_values: BlockTransformerCache | None = None,
+        cache: BlockTransformerCache | None = None,
         cache_kwargs: dict | None = None,
     ) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
@@ -337,8 +342,8 @@ class BlockTransformerAttention(nn.Module):
         value = self.v_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx, **(cache_kwargs or {}))
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx, **(cache_kwargs or {}))
         dropout = self.attention_dropout if self.training else 0.0
         output, _ = attention_forward(self, query, key, value, attention_mask, self.scaling, dropout)
         return self.o_proj(output.reshape(batch, length, -1))  # [B, T, H, hd] -> [B, T, D]
@@ -369,11 +374,15 @@ class BlockTransformerDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor,
-        past_key_values: BlockTransformerCache | None = None,
+        cache: BlockTransformerCache | None = None,
         cache_kwargs: dict | None = None,
+        past_key_values: BlockTransformerCache | None = None,
     ) -> torch.Tensor:
+        """The stack passes the cache as `cache_kwarg(cache)`, the name under which the installed transformers'
+        `GradientCheckpointingLayer` drops it under gradient checkpointing; both names are accepted."""
+        cache = pick_cache(cache, past_key_values)
         attn_output = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values, cache_kwargs
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache, cache_kwargs
         )
         if self.use_parallel_residual:  # x + attn(ln1(x)) + mlp(ln2(x))
             return hidden_states + attn_output + self.mlp(self.post_attention_layernorm(hidden_states))
@@ -410,7 +419,7 @@ class BlockTransformerDecoderStack(nn.Module):
         inputs_embeds: torch.Tensor,
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        past_key_values: BlockTransformerCache | None = None,
+        cache: BlockTransformerCache | None = None,
         cache_kwargs: dict | None = None,
     ) -> torch.Tensor:
         """`[N, T, D]` inputs at rotary `position_ids` (`[N, T]` or `[1, T]`) -> normalised `[N, T, D]`."""
@@ -421,8 +430,8 @@ class BlockTransformerDecoderStack(nn.Module):
                 hidden_states,
                 position_embeddings=position_embeddings,
                 attention_mask=attention_mask,
-                past_key_values=past_key_values,
                 cache_kwargs=cache_kwargs,
+                **cache_kwarg(cache),
             )
         return self.norm(hidden_states)
 
@@ -462,7 +471,7 @@ class BlockTransformerPreTrainedModel(HfYocoModelMixin, PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["BlockTransformerDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_flash_attn = False  # masks are explicit (ragged caches, local windows)
     _supports_flex_attn = False
@@ -513,23 +522,25 @@ class BlockTransformerModel(BlockTransformerPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: BlockTransformerCache | None = None,
+        cache: BlockTransformerCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: BlockTransformerCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """`position_ids` are ignored (see the module docstring). `logits_to_keep` selects the returned positions
-        like in `...ForCausalLM.forward`; `logits_to_keep=1` only runs the token decoder on each row's last block."""
+        like in `...ForCausalLM.forward`; `logits_to_keep=1` only runs the token decoder on each row's last block.
+        `cache` (older name: `past_key_values`; `cache` wins if both are given) is continued and returned under the
+        name the installed transformers uses."""
+        cache = pick_cache(cache, past_key_values)
         if inputs_embeds is not None or input_ids is None:
             raise ValueError(
                 "BlockTransformerModel needs `input_ids` (and does not accept `inputs_embeds`): the embedder and the "
                 "token decoder embed the same ids with two different tables."
             )
-        if past_key_values is not None and not isinstance(past_key_values, BlockTransformerCache):
-            raise ValueError(
-                f"`past_key_values` must be a BlockTransformerCache, got {type(past_key_values).__name__}."
-            )
+        if cache is not None and not isinstance(cache, BlockTransformerCache):
+            raise ValueError(f"`cache` must be a BlockTransformerCache, got {type(cache).__name__}.")
         for name in ("output_hidden_states", "output_attentions"):  # refused rather than silently returning None
             if kwargs.get(name, getattr(self.config, name, False)):
                 raise ValueError(
@@ -545,15 +556,15 @@ class BlockTransformerModel(BlockTransformerPreTrainedModel):
             )
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        if use_cache and past_key_values is None:
-            past_key_values = BlockTransformerCache(self.config)
+        if use_cache and cache is None:
+            cache = BlockTransformerCache(self.config)
 
-        if past_key_values is not None and past_key_values.is_initialized:
-            hidden_states = self._decode(input_ids, past_key_values)
+        if cache is not None and cache.is_initialized:
+            hidden_states = self._decode(input_ids, cache)
             hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)
         else:
-            hidden_states = self._prefill(input_ids, attention_mask, past_key_values, logits_to_keep)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+            hidden_states = self._prefill(input_ids, attention_mask, cache, logits_to_keep)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **cache_kwarg(cache))
 
     # -- full sequence (training, scoring, prefill) -------------------------------------------------------------------
 
@@ -605,7 +616,7 @@ class BlockTransformerModel(BlockTransformerPreTrainedModel):
         if num_full > 0:
             block_positions = torch.arange(num_full, device=device)[None]  # [1, n]
             block_states = self.block_decoder(
-                block_embeds, block_positions, _causal_mask(num_full, dtype, device), past_key_values=cache
+                block_embeds, block_positions, _causal_mask(num_full, dtype, device), cache=cache
             )  # [B, n, D]
         else:  # prompt shorter than one block: only the start context
             block_states = block_embeds
@@ -627,7 +638,7 @@ class BlockTransformerModel(BlockTransformerPreTrainedModel):
                 local_inputs,
                 torch.arange(S, device=device)[None],
                 _causal_mask(S, dtype, device),
-                past_key_values=cache,
+                cache=cache,
             )  # [B, S, D]
             last_state = local_states[rows, k - 1 + num_pending][:, None]  # [B, 1, D]
             if cache is not None:
@@ -688,7 +699,7 @@ class BlockTransformerModel(BlockTransformerPreTrainedModel):
                 block_embeds,
                 block_positions[:, None],
                 _additive_mask(allowed, dtype)[:, None, None],  # [r, 1, 1, num_keys]
-                past_key_values=cache,
+                cache=cache,
                 cache_kwargs={"rows": done, "positions": block_positions, "batch_size": batch},
             )  # [r, 1, D]
             prefix = self.token_decoder.expand_context(block_states[:, 0])  # [r, k, D]
@@ -710,7 +721,7 @@ class BlockTransformerModel(BlockTransformerPreTrainedModel):
             inputs,
             local_positions,
             _additive_mask(allowed, dtype)[:, None],  # [B, 1, q, S]
-            past_key_values=cache,
+            cache=cache,
             cache_kwargs={"positions": local_positions, "write_mask": write_mask},
         )  # [B, q, D]
 
@@ -745,11 +756,11 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
     ) -> None:
         """`generate()` hook: build a `BlockTransformerCache` (the default `DynamicCache` cannot hold block state)."""
-        user_cache = model_kwargs.get("past_key_values")
+        user_cache = model_kwargs.get(CACHE_NAME)
         if user_cache is not None:
             if not isinstance(user_cache, BlockTransformerCache):
                 raise ValueError(
-                    "BlockTransformerForCausalLM needs a BlockTransformerCache as `past_key_values`, got "
+                    f"BlockTransformerForCausalLM needs a BlockTransformerCache as `{CACHE_NAME}`, got "
                     f"{type(user_cache).__name__}."
                 )
             user_cache._is_user_defined = True
@@ -761,7 +772,7 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
                 "BlockTransformerForCausalLM only supports its own dynamic BlockTransformerCache; got "
                 f"`cache_implementation={generation_config.cache_implementation!r}`."
             )
-        model_kwargs["past_key_values"] = BlockTransformerCache(self.config)
+        model_kwargs[CACHE_NAME] = BlockTransformerCache(self.config)
 
     @can_return_tuple
     def forward(
@@ -769,12 +780,13 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: BlockTransformerCache | None = None,
+        cache: BlockTransformerCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         skip_logits: bool | None = None,
+        past_key_values: BlockTransformerCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Causal-LM forward. `labels` are the input ids (-100 = ignored); the loss is the usual shifted
@@ -785,14 +797,14 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=pick_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
         loss, logits = causal_lm_head_and_loss(self, outputs.last_hidden_state, labels, skip_logits, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **cache_kwarg(output_cache(outputs)))
 
 
 __all__ = [

@@ -18,19 +18,66 @@ files import it as a flat sibling (`from .modeling_common import ...`), the only
 - `causal_lm_head_and_loss`: LM head + shifted cross-entropy of both models, with `skip_logits` and the hook for a
   fused linear cross-entropy (Liger, through `hf_yoco.integrations`) that never materialises the logits.
 - `HfYocoModelMixin`: model-card `push_to_hub` and attention-implementation switching for both models.
+- `CACHE_NAME` / `pick_cache` / `cache_kwarg` / `output_cache`: the one place that knows what the installed transformers
+  release calls the cache (`past_key_values` up to 5.23, `cache` from 5.24).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.masking_utils import find_packed_sequence_indices
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# transformers compatibility: the name of the cache.
+# transformers 5.24 renamed the cache argument of `forward` / `generate` / `prepare_inputs_for_generation` / the
+# `create_*_mask` functions / `GradientCheckpointingLayer`, and the cache field of every model output, from
+# `past_key_values` to `cache` (the old name is deprecated, removal announced for 5.40). The models accept both names
+# from their callers and speak the installed release's name to transformers, only through the helpers below.
+# ---------------------------------------------------------------------------------------------------------------------
+
+# "cache" (transformers >= 5.24) or "past_key_values" (earlier 5.x): the name generate() passes the cache under, the
+# name model outputs store it under, and the keyword transformers' mask functions and checkpointed layers read.
+CACHE_NAME: str = (
+    "cache" if "cache" in {field.name for field in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+)
+
+
+def pick_cache(cache: Any, past_key_values: Any) -> Any:
+    """The cache a caller passed as `cache` or as `past_key_values`; `cache` wins when both are given and differ
+    (as transformers' own renaming does), with a warning."""
+    if past_key_values is None or past_key_values is cache:
+        return cache
+    if cache is not None:
+        logger.warning_once("Both `cache` and `past_key_values` were passed; using `cache` and ignoring the other.")
+        return cache
+    return past_key_values
+
+
+def cache_kwarg(cache: Any) -> dict[str, Any]:
+    """`{CACHE_NAME: cache}`: the cache as a keyword for transformers' output classes, mask functions and
+    `GradientCheckpointingLayer`s (which drop the cache under gradient checkpointing only under that name)."""
+    return {CACHE_NAME: cache}
+
+
+def output_cache(outputs: Any) -> Any:
+    """The cache of a model output or a `generate(..., return_dict_in_generate=True)` output, whatever the installed
+    release calls it (reading the other name warns from 5.24 on and fails before)."""
+    if isinstance(outputs, Mapping):
+        return outputs.get(CACHE_NAME)
+    return getattr(outputs, CACHE_NAME, None)
 
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:

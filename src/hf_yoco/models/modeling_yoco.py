@@ -39,6 +39,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_yoco import YocoConfig
 from .modeling_common import (
+    CACHE_NAME,
     GatedMLP,
     HfYocoModelMixin,
     RMSNorm,
@@ -46,9 +47,12 @@ from .modeling_common import (
     apply_rotary,
     apply_rotary_pos_emb,
     attention_forward,
+    cache_kwarg,
     causal_lm_head_and_loss,
     find_packed_sequences,
     kernel_op,
+    output_cache,
+    pick_cache,
     tensor_bytes,
 )
 
@@ -247,7 +251,8 @@ class YocoCache(DynamicCache):
       `[B, H_kv, N, D]`;
     - layers `L/2+1 .. L-1` ("reuse"): `DummyLayer`, nothing stored.
 
-    `generate()` creates it by itself; pass one as `past_key_values` to reuse or inspect it (`memory_bytes()`).
+    `generate()` creates it by itself; pass one as `cache` (or `past_key_values`) to reuse or inspect it
+    (`memory_bytes()`).
     """
 
     def __init__(self, config: YocoConfig, offloading: bool = False, offload_only_non_sliding: bool = False) -> None:
@@ -374,7 +379,7 @@ class YocoSlidingWindowAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = hidden_states.shape
@@ -384,8 +389,8 @@ class YocoSlidingWindowAttention(nn.Module):
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin, self.config.official_numerics)
-        if past_key_values is not None:  # cached last W-1 keys + the new ones
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:  # cached last W-1 keys + the new ones
+            key, value = cache.update(key, value, self.layer_idx)
         attn_output, attn_weights = attention_forward(
             self,
             query,
@@ -431,7 +436,7 @@ class YocoGatedRetention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         cu_seqlens: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
@@ -451,8 +456,8 @@ class YocoGatedRetention(nn.Module):
             key, value = key * keep[..., None].to(key.dtype), value * keep[..., None].to(value.dtype)
             log_decay = log_decay * keep
 
-        state = _get_recurrent_state(past_key_values, self.layer_idx)
-        want_state = past_key_values is not None
+        state = _get_recurrent_state(cache, self.layer_idx)
+        want_state = cache is not None
         triton_retention = kernel_op(self.config, query, "gated_retention")  # None: PyTorch path
         if cu_seqlens is not None:
             packed = [
@@ -472,7 +477,7 @@ class YocoGatedRetention(nn.Module):
         else:
             out, state = chunk_gated_retention(query, key, value, log_decay, self.chunk_size, state, want_state)
         if want_state:
-            _set_recurrent_state(past_key_values, self.layer_idx, state)
+            _set_recurrent_state(cache, self.layer_idx, state)
 
         out = self.norm(out).reshape(batch, length, -1)  # per-head norm, then [B, T, H * D]
         out = F.silu(self.g_proj(hidden_states)) * out
@@ -494,7 +499,7 @@ class YocoGlobalKV(nn.Module):
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         layer_idx: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         batch, length, _ = hidden_states.shape
@@ -504,8 +509,8 @@ class YocoGlobalKV(nn.Module):
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         key = apply_rotary(key, cos, sin, self.config.official_numerics)  # RoPE once, before caching
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, layer_idx)  # -> all N positions so far
+        if cache is not None:
+            key, value = cache.update(key, value, layer_idx)  # -> all N positions so far
         return key, value
 
 
@@ -572,10 +577,14 @@ class YocoDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         global_key_values: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        """The model passes the cache as `cache_kwarg(cache)`, the name under which the installed transformers'
+        `GradientCheckpointingLayer` drops it under gradient checkpointing; both names are accepted."""
+        cache = pick_cache(cache, past_key_values)
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         if self.is_cross_layer:
@@ -584,7 +593,7 @@ class YocoDecoderLayer(GradientCheckpointingLayer):
             )
         else:
             hidden_states, _ = self.self_attn(
-                hidden_states, position_embeddings, attention_mask, past_key_values=past_key_values, **kwargs
+                hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs
             )
         hidden_states = residual + hidden_states
         residual = hidden_states
@@ -602,7 +611,7 @@ class YocoPreTrainedModel(HfYocoModelMixin, PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["YocoDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = False
@@ -678,7 +687,7 @@ class YocoModel(YocoPreTrainedModel):
             return None
         if cache is not None:
             raise ValueError(
-                "Packed sequences (`position_ids` restarting inside a row) cannot be combined with `past_key_values`: "
+                "Packed sequences (`position_ids` restarting inside a row) cannot be combined with a cache: "
                 "each packed sequence would need its own cache. Pass `attention_mask` (padding) for cached inference."
             )
         if self.config._attn_implementation not in ("sdpa", "eager"):
@@ -697,8 +706,8 @@ class YocoModel(YocoPreTrainedModel):
                 config=self.config,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
-                past_key_values=cache,
                 position_ids=position_ids,
+                **cache_kwarg(cache),
             )
         # 2D padding mask of the current tokens. (Not `create_recurrent_attention_mask`: it drops the mask for
         # single-token inputs, but a 1-token prefill chunk can be padding.)
@@ -752,31 +761,37 @@ class YocoModel(YocoPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         r"""
+        cache (`YocoCache` or any transformers `Cache` built from this config, *optional*):
+            The cache to continue from and update; `past_key_values` is accepted as its older name (`cache` wins
+            if both are given). Returned under the name the installed transformers uses (`cache` from 5.24 on).
         logits_to_keep (`int`, defaults to 0):
             If > 0, the cross-decoder runs only on the last `logits_to_keep` positions (prefill early exit) and the
             returned `last_hidden_state` has that length. 0 runs it on every position. Ignored (all positions) when
             hidden states or attentions are requested.
 
         Packed (padding-free) sequences, as from `DataCollatorWithFlattening`: `position_ids` that restart inside a row,
-        with no `attention_mask` and no `past_key_values`. Each sequence then sees only itself (window, retention
+        with no `attention_mask` and no cache. Each sequence then sees only itself (window, retention
         state and cross-attention all restart) and no cache is returned.
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         batch_size = (input_ids if inputs_embeds is None else inputs_embeds).shape[0]
-        packed_sequences = self._packed_sequences(position_ids, attention_mask, past_key_values, batch_size)
+        cache = pick_cache(cache, past_key_values)
+        packed_sequences = self._packed_sequences(position_ids, attention_mask, cache, batch_size)
         if packed_sequences is not None:
             use_cache = False
-        if use_cache and past_key_values is None:
-            past_key_values = YocoCache(config=self.config)
-        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = YocoCache(config=self.config)
+        returned_cache = cache
+        past_seen = cache.get_seq_length() if cache is not None else 0
         reference = input_ids if inputs_embeds is None else inputs_embeds
         length, device = reference.shape[1], reference.device
         if position_ids is None:
@@ -800,7 +815,6 @@ class YocoModel(YocoPreTrainedModel):
             and packed_sequences is None
             and (attention_mask is None or attention_mask.ndim == 2)
         )
-        cache = past_key_values
         if chunked and cache is None:  # carries the self-decoder state between chunks; not returned
             cache = YocoCache(config=self.config)
 
@@ -836,7 +850,7 @@ class YocoModel(YocoPreTrainedModel):
                     hidden_states,
                     self_position_embeddings,
                     attention_mask=self_mask,
-                    past_key_values=cache,
+                    **cache_kwarg(cache),
                     **self_kwargs,
                 )
             kv_position_embeddings = (
@@ -863,7 +877,7 @@ class YocoModel(YocoPreTrainedModel):
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **cache_kwarg(returned_cache))
 
 
 class YocoForCausalLM(YocoPreTrainedModel, GenerationMixin):
@@ -879,12 +893,12 @@ class YocoForCausalLM(YocoPreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
         """Let generate() build its default cache, then swap the plain `DynamicCache` for a `YocoCache`."""
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
+        cache = model_kwargs.get(CACHE_NAME)
         if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
             yoco_cache = YocoCache(config=self.config, offloading=cache.offloading)
             if generation_config.is_assistant:
                 yoco_cache.activate_past_recording()
-            model_kwargs["past_key_values"] = yoco_cache
+            model_kwargs[CACHE_NAME] = yoco_cache
 
     def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
         """Keep the 2D mask with static caches too: forward builds its masks per prefill chunk and per kept row."""
@@ -896,15 +910,18 @@ class YocoForCausalLM(YocoPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         skip_logits: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
+        cache (`YocoCache`, *optional*):
+            The cache to continue from; `past_key_values` is its older name (see `YocoModel.forward`).
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Targets for the causal LM loss (shifted inside the loss; -100 is ignored). With labels, the
             cross-decoder runs on every position.
@@ -931,7 +948,7 @@ class YocoForCausalLM(YocoPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=pick_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             logits_to_keep=cross_positions,
@@ -942,7 +959,7 @@ class YocoForCausalLM(YocoPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **cache_kwarg(output_cache(outputs)),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
