@@ -17,8 +17,9 @@ bf16 `tl.dot` is wrong in the interpreter, hence fp32 for `--smoke`.
 
 Sections (milliseconds, forward and forward+backward; GPU timings are the median of `triton.testing.do_bench`):
   - gated retention: Triton chunk kernel / PyTorch chunkwise form of `modeling_yoco` / causal SDPA (the softmax
-    attention it replaces).
-  - sliding-window attention (GQA): Triton / `naive_sliding_window_attention` / SDPA given the window mask.
+    attention it replaces) / on CUDA with flash-linear-attention installed, fla's `chunk_simple_gla` (the anchor).
+  - sliding-window attention (GQA): Triton / `naive_sliding_window_attention` / SDPA given the window mask / on CUDA,
+    PyTorch's compiled `flex_attention` with a sliding-window `BlockMask` (the anchor).
   - shared-KV decode (T=1 over S keys, GQA; forward only): Triton split-K / `naive_shared_kv_attention` / SDPA with
     grouped queries (`modeling_common.sdpa_grouped_query_decode`, hf_yoco's PyTorch decode path).
   - Liger-Kernel (when installed), tokens = B*T rows: RMSNorm, SwiGLU (`silu(a) * b`), RoPE and LM head +
@@ -238,6 +239,10 @@ class Runner:
             "torch_chunk": lambda: torch_chunk_gated_retention(q, k * D**-0.5, v, g, 64)[0],
             "sdpa_causal": lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True),
         }
+        if self.device.type == "cuda" and importlib.util.find_spec("fla") is not None:  # anchor: fla's simple GLA
+            from fla.ops.simple_gla import chunk_simple_gla
+
+            impls["fla_chunk_simple_gla"] = lambda: chunk_simple_gla(q, k, v, g, scale=D**-0.5)[0]
         self.record("gated_retention", length, impls, [q, k, v, g, qs, ks, vs])
 
     def sliding_window_attention(self, length: int) -> None:
@@ -255,7 +260,23 @@ class Runner:
             "naive": lambda: naive_sliding_window_attention(q, k, v, window_size=W),
             "sdpa_mask": lambda: F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask),
         }
+        if self.device.type == "cuda":  # anchor: PyTorch's compiled flex attention with a sliding-window BlockMask
+            impls["flex_block_mask"] = self.flex_sliding_window(q, k, v, W)
         self.record("sliding_window_attention", length, impls, [q, k, v, qs, ks, vs])
+
+    def flex_sliding_window(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> Fn:
+        """`flex_attention` (compiled) over a sliding-window `BlockMask`, GQA, in the kernels' `[B, T, H, D]` layout."""
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        length = q.shape[1]
+
+        def in_window(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+
+        block_mask = create_block_mask(in_window, None, None, length, length, device=self.device)
+        flex = torch.compile(flex_attention, dynamic=False)
+        qs, ks, vs = (x.transpose(1, 2) for x in (q, k, v))  # views: the gradient reaches q, k, v
+        return lambda: flex(qs, ks, vs, block_mask=block_mask, enable_gqa=True).transpose(1, 2)
 
     def shared_kv_decode(self, length: int) -> None:
         from hf_yoco.kernels.shared_kv_attention.decode import shared_kv_attention
@@ -407,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         smoke=args.smoke,
         timer=timer,
         commit=git_commit(),
-        versions={p.replace("-", "_"): version(p) for p in ("torch", "triton", "liger-kernel", "hf-yoco")},
+        versions={p.replace("-", "_"): version(p) for p in ("torch", "triton", "liger-kernel", "hf-yoco", "fla-core")},
         shapes=shapes,
         rows=runner.rows,
     )

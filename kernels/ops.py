@@ -1,19 +1,69 @@
 """Model-facing entry points that route to the Triton kernels (imported lazily, so this module never imports triton).
 
-The model files reach these through a guarded import (`modeling_common.kernel_op`); each returns None when the
-Triton kernel does not cover the call (custom or padded masks, non-causal attention), and the caller then runs
-its PyTorch path.
+The model files reach these through a guarded import (`modeling_common.kernel_op` -> `dispatch`); each returns None
+when the Triton kernel does not cover the call (custom or padded masks, non-causal attention, large heads), and the
+caller then runs its PyTorch path. With `kernel_backend="auto"` a kernel that fails to compile or launch on the
+user's GPU / Triton version is also answered with None, after one warning, and not tried again on that device.
 """
 
 from __future__ import annotations
 
+import warnings
 import weakref
+from collections.abc import Callable
 
 import torch
 
-from .utils import causal_band, use_triton
+from .utils import MAX_HEAD_DIM, causal_band, use_triton
 
-__all__ = ["attention", "gated_retention", "use_triton"]
+__all__ = ["attention", "dispatch", "gated_retention", "use_triton"]
+
+# (op name, device) -> why its Triton kernel failed there; with `kernel_backend="auto"` those ops stay on PyTorch.
+FAILED_KERNELS: dict[tuple[str, str], str] = {}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{device} ({torch.cuda.get_device_name(device)}, sm_{major}{minor})"
+    return f"{device} (Triton interpreter)"
+
+
+def dispatch(backend: str, name: str, tensor: torch.Tensor) -> Callable | None:
+    """The Triton op `name` ("attention" or "gated_retention") for the tensors of one call, or None for PyTorch.
+
+    `kernel_backend` "torch": None. "triton": the op itself, whose errors propagate. "auto": Triton on CUDA tensors,
+    wrapped so that an error (a kernel that does not compile for this GPU or Triton release, out of resources, a
+    failed launch) warns once, naming the op, the device and the reason, and returns None, so the caller runs its
+    PyTorch path; the op then stays on PyTorch on that device for the rest of the process.
+    """
+    if not use_triton(backend, tensor):
+        return None
+    op = globals()[name]
+    if backend != "auto":
+        return op
+    key = (name, str(tensor.device))
+    if key in FAILED_KERNELS:
+        return None
+
+    def op_or_fallback(*args, **kwargs):
+        try:
+            return op(*args, **kwargs)
+        except Exception as error:  # any failure of the optional kernels falls back (auto only)
+            import triton
+
+            FAILED_KERNELS[key] = reason = f"{type(error).__name__}: {error}".strip()
+            warnings.warn(
+                f"hf_yoco: the Triton kernel for `{name}` failed on {_device_name(tensor.device)} with triton "
+                f"{triton.__version__} and torch {torch.__version__}; running PyTorch for `{name}` on this device from "
+                f"now on (kernel_backend='auto'; use kernel_backend='triton' to raise instead). Reason: {reason[:1000]}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return None
+
+    return op_or_fallback
+
 
 FUSED_RECURRENT_MAX_LEN = 64  # gated retention: token-by-token kernel up to this length, chunkwise above
 DECODE_MAX_QUERIES = 16  # attention: split-K decode kernel for at most this many queries (no grad)
@@ -31,7 +81,10 @@ def gated_retention(
     """YOCO's gRet (keys pre-scaled, so scale=1): q/k `[B, T, H, K]`, v `[B, T, H, V]`, g `[B, T, H]` -> o, state.
 
     `cu_seqlens` (`[S + 1]`, with `B = 1`): packed sequences, each from its own initial state (zero by default).
+    Returns None for head dims above `MAX_HEAD_DIM` (PyTorch path).
     """
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        return None
     if q.shape[1] <= FUSED_RECURRENT_MAX_LEN:
         from .gated_retention.fused_recurrent import fused_recurrent_gated_retention as fn
     else:
@@ -93,11 +146,12 @@ def attention(
     """Causal (sliding-window) GQA attention in transformers' layout, or None when the kernels don't apply.
 
     query `[B, H, T, D]`, key/value `[B, H_kv, S, D]` -> `[B, T, H, D]`. Only the plain bottom-right causal band (with
-    the window) is covered; padded or custom masks and non-causal modules return None (PyTorch path).
+    the window) is covered; padded or custom masks, non-causal modules and head dims above `MAX_HEAD_DIM` return None
+    (PyTorch path).
     """
     length, kv_length = query.shape[2], key.shape[2]
     window = int(sliding_window or 0)
-    if not getattr(module, "is_causal", True) or kv_length < length:
+    if not getattr(module, "is_causal", True) or kv_length < length or query.shape[-1] > MAX_HEAD_DIM:
         return None
     if attention_mask is None:
         if 1 < length < kv_length:  # transformers would read this as top-left causal: leave it to PyTorch

@@ -11,6 +11,9 @@ from typing import Any
 import torch
 
 KERNEL_BACKENDS = ("auto", "torch", "triton")
+# Largest head dim the kernels take: every tile config of the kernels fits the shared memory of an A100 / H100 /
+# L4 up to 128 (checked by `python -m hf_yoco.kernels.aot`); `ops` sends larger heads to PyTorch.
+MAX_HEAD_DIM = 128
 
 
 def is_interpreter() -> bool:
@@ -44,13 +47,16 @@ def use_triton(backend: str, tensor: torch.Tensor) -> bool:
     """Resolve `kernel_backend` for the tensors of one call.
 
     - "torch": never.
-    - "auto": Triton on CUDA tensors when triton is importable, PyTorch otherwise (CPU included).
+    - "auto": Triton on CUDA tensors when triton is importable, PyTorch otherwise (CPU included). The kernels multiply
+      fp32 operands in TF32, so fp32 tensors take them only when torch may too
+      (`torch.set_float32_matmul_precision("high")`); at torch's default ("highest") fp32 stays on PyTorch.
     - "triton": always; on CPU tensors only under `TRITON_INTERPRET=1`, else a `RuntimeError` says why.
     """
     if backend == "torch":
         return False
     if backend == "auto":
-        return tensor.is_cuda and is_triton_usable(tensor.device)
+        exact_fp32 = tensor.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+        return tensor.is_cuda and not exact_fp32 and is_triton_usable(tensor.device)
     if backend != "triton":
         raise ValueError(f"`kernel_backend` must be one of {KERNEL_BACKENDS}, got {backend!r}.")
     if not is_triton_available():
@@ -94,6 +100,8 @@ def attention_inputs(
     """Check the attention kernels' inputs (q `[B, T, H, D]`, k/v `[B, S, H_kv, D]`, `S >= T`, `H_kv` divides `H`) and
     return them, in fp32 when they are bf16 under `TRITON_INTERPRET=1` (bf16 `tl.dot` is wrong in the interpreter)."""
     batch, length, heads, head_dim = q.shape
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head dims above {MAX_HEAD_DIM} are not supported, got D={head_dim}")
     if k.ndim != 4 or k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim or heads % k.shape[2]:
         raise ValueError(f"expected q [B, T, H, D], k/v [B, S, H_kv, D]; got {tuple(q.shape)}, {tuple(k.shape)}")
     if k.shape[1] < length:
@@ -109,13 +117,16 @@ def next_power_of_2(n: int, minimum: int = 16) -> int:
 
 
 def autotune_configs(
-    warps: tuple[int, ...] = (2, 4, 8),
-    stages: tuple[int, ...] = (1, 2, 3),
+    warps: tuple[int, ...] = (4, 8),
+    stages: tuple[int, ...] = (2, 3),
     tiles: tuple[dict[str, int], ...] = ({},),
     interpreter_tile: dict[str, int] | None = None,
+    small_tile: dict[str, int] | None = None,
 ) -> list[Any]:
     """Autotune candidates: every `tiles` meta-parameter set x `num_warps` x `num_stages` (the default, no tiles, is
-    for kernels whose tiles the algorithm fixes).
+    for kernels whose tiles the algorithm fixes), plus `small_tile` (default: the last of `tiles`) unpipelined
+    (`num_stages=1`) with the fewest warps: the config that fits the 99 KB of shared memory of sm_86 / sm_89 GPUs
+    with fp32 inputs and 128-wide heads (`python -m hf_yoco.kernels.aot` checks every kernel has one that fits).
 
     Under `TRITON_INTERPRET=1` one config, `interpreter_tile` (autotuning needs a GPU, and the interpreter ignores
     warps and stages). Imports triton (call it from the kernel modules only).
@@ -124,7 +135,10 @@ def autotune_configs(
 
     if is_interpreter():
         return [triton.Config(dict(interpreter_tile or {}))]
-    return [triton.Config(dict(tile), num_warps=w, num_stages=s) for tile in tiles for w in warps for s in stages]
+    configs = [triton.Config(dict(tile), num_warps=w, num_stages=s) for tile in tiles for w in warps for s in stages]
+    if 1 not in stages:
+        configs.append(triton.Config(dict(small_tile or tiles[-1]), num_warps=warps[0], num_stages=1))
+    return configs
 
 
 def patch_triton_interpreter_for_liger() -> Callable[[], None]:

@@ -16,9 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import autotune_configs, input_guard, next_power_of_2
-
-MAX_HEAD_DIM = 256
+from ..utils import MAX_HEAD_DIM, autotune_configs, input_guard, next_power_of_2
 
 
 @triton.autotune(configs=autotune_configs(), key=["H", "K", "V", "BT", "BK", "BV"])
@@ -44,13 +42,13 @@ def chunk_gated_retention_fwd_kernel(
     STORE_FINAL_STATE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int32)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     else:
-        bos = i_n * T
+        bos = i_n.to(tl.int64) * T  # int64 offsets: B * T * H * K can pass 2**31
         eos = bos + T
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
@@ -62,7 +60,9 @@ def chunk_gated_retention_fwd_kernel(
 
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
-        b_h += tl.load(h0 + i_nh * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0).to(tl.float32)
+        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0).to(
+            tl.float32
+        )
     for i_t in range(0, tl.cdiv(eos - bos, BT)):
         o_i = bos + i_t * BT + o_t
         m_t = o_i < eos
@@ -80,7 +80,7 @@ def chunk_gated_retention_fwd_kernel(
         tl.store(o + (o_i[:, None] * H + i_h) * V + o_v[None, :], (b_o * scale).to(o.dtype.element_ty), mask=m_tv)
         b_h = b_h * tl.exp(b_g_last) + tl.dot(tl.trans(b_k * tl.exp(b_g_last - b_g)[:, None]), b_v)
     if STORE_FINAL_STATE:
-        tl.store(ht + i_nh * K * V + o_k[:, None] * V + o_v[None, :], b_h, mask=m_h)
+        tl.store(ht + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], b_h, mask=m_h)
 
 
 @triton.autotune(configs=autotune_configs(), key=["H", "K", "V", "BT", "BK", "BV"])
@@ -106,13 +106,13 @@ def chunk_gated_retention_bwd_kernel_dq(
     USE_INITIAL_STATE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int32)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     else:
-        bos = i_n * T
+        bos = i_n.to(tl.int64) * T  # int64 offsets: B * T * H * K can pass 2**31
         eos = bos + T
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
@@ -121,11 +121,13 @@ def chunk_gated_retention_bwd_kernel_dq(
     m_v = o_v < V
     m_A = o_t[:, None] >= o_t[None, :]
     m_h = m_k[:, None] & m_v[None, :]
-    dq += i_v * TT * H * K
+    dq += i_v.to(tl.int64) * TT * H * K
 
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
-        b_h += tl.load(h0 + i_nh * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0).to(tl.float32)
+        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0).to(
+            tl.float32
+        )
     for i_t in range(0, tl.cdiv(eos - bos, BT)):
         o_i = bos + i_t * BT + o_t
         m_t = o_i < eos
@@ -170,13 +172,13 @@ def chunk_gated_retention_bwd_kernel_dkv(
     USE_INITIAL_STATE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int32)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     else:
-        bos = i_n * T
+        bos = i_n.to(tl.int64) * T  # int64 offsets: B * T * H * K can pass 2**31
         eos = bos + T
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
@@ -185,16 +187,18 @@ def chunk_gated_retention_bwd_kernel_dkv(
     m_v = o_v < V
     m_A = o_t[:, None] <= o_t[None, :]  # [j, i]: key j reaches query i
     m_h = m_k[:, None] & m_v[None, :]
-    dk += i_v * TT * H * K
+    dk += i_v.to(tl.int64) * TT * H * K
 
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_FINAL_STATE_GRADIENT:
-        b_dh += tl.load(dht + i_nh * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0).to(tl.float32)
-    NT = tl.cdiv(eos - bos, BT)
-    for i_r in range(0, NT):
-        i_t = NT - 1 - i_r
+        b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0).to(
+            tl.float32
+        )
+    for i_t in range(tl.cdiv(eos - bos, BT) - 1, -1, -1):
         o_i = bos + i_t * BT + o_t
-        m_t = o_i < eos
+        # Walking backwards, rows below `bos` are the ones outside the sequence: bound both sides, so that a chunk a
+        # pipelined loop prefetches past the end (i_t < 0) reads nothing.
+        m_t = (o_i >= bos) & (o_i < eos)
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
         b_q = tl.load(q + (o_i[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0).to(tl.float32)  # [BT, BK]
@@ -214,7 +218,7 @@ def chunk_gated_retention_bwd_kernel_dkv(
         tl.store(dv + (o_i[:, None] * H + i_h) * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
         b_dh = b_dh * tl.exp(b_g_last) + tl.dot(tl.trans(b_q * (tl.exp(b_g) * scale)[:, None]), b_do)
     if USE_INITIAL_STATE:
-        tl.store(dh0 + i_nh * K * V + o_k[:, None] * V + o_v[None, :], b_dh, mask=m_h)
+        tl.store(dh0 + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], b_dh, mask=m_h)
 
 
 def _prepare(
@@ -246,7 +250,7 @@ def chunk_gated_retention_fwd(
     heads, key_dim, value_dim = q.shape[2], q.shape[3], v.shape[3]
     o = torch.empty_like(v)
     ht = q.new_empty(num_seqs, heads, key_dim, value_dim, dtype=torch.float32) if output_final_state else None
-    chunk_gated_retention_fwd_kernel[(nv, num_seqs * heads)](
+    chunk_gated_retention_fwd_kernel[(num_seqs * heads, nv)](
         q, k, v, g, o, initial_state, ht, cu_seqlens, scale, length,
         H=heads, K=key_dim, V=value_dim, BT=bt, BK=bk, BV=bv,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
@@ -289,7 +293,7 @@ def chunk_gated_retention_bwd(
     dk = q.new_empty(nv, *k.shape, dtype=torch.float32)
     dv = torch.empty_like(v)
     dh0 = torch.empty_like(initial_state, dtype=torch.float32) if initial_state is not None else None
-    grid = (nv, num_seqs * heads)
+    grid = (num_seqs * heads, nv)  # the long axis first: CUDA caps axes 1 and 2 at 65535 programs
     common = dict(H=heads, K=key_dim, V=value_dim, BT=bt, BK=bk, BV=bv, IS_VARLEN=cu_seqlens is not None)
     chunk_gated_retention_bwd_kernel_dq[grid](
         q, k, v, g, do, dq, initial_state, cu_seqlens, scale, length, total,

@@ -15,7 +15,7 @@ from ..utils import autotune_configs, next_power_of_2
 from .chunk import apply_gated_retention
 
 
-@triton.autotune(configs=autotune_configs(), key=["H", "K", "V", "BK", "BV"])
+@triton.autotune(configs=autotune_configs(warps=(2, 4), stages=(1, 2)), key=["H", "K", "V", "BK", "BV"])
 @triton.jit
 def fused_recurrent_gated_retention_fwd_kernel(
     q,  # [TT, H, K]
@@ -37,13 +37,13 @@ def fused_recurrent_gated_retention_fwd_kernel(
     STORE_FINAL_STATE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int32)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     else:
-        bos = i_n * T
+        bos = i_n.to(tl.int64) * T  # int64 offsets: B * T * H * K can pass 2**31
         eos = bos + T
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -53,17 +53,23 @@ def fused_recurrent_gated_retention_fwd_kernel(
 
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
-        b_h += tl.load(h0 + i_nh * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0).to(tl.float32)
+        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0).to(
+            tl.float32
+        )
     for i_t in range(bos, eos):
-        b_q = tl.load(q + (i_t * H + i_h) * K + o_k, mask=m_k, other=0).to(tl.float32)  # [BK]
-        b_k = tl.load(k + (i_t * H + i_h) * K + o_k, mask=m_k, other=0).to(tl.float32)  # [BK]
-        b_v = tl.load(v + (i_t * H + i_h) * V + o_v, mask=m_v, other=0).to(tl.float32)  # [BV]
-        b_g = tl.load(g + i_t * H + i_h).to(tl.float32)
+        # Every access is also masked by `i_t < eos`, so a token a pipelined loop prefetches past the end reads
+        # nothing (vector masks: the interpreter mishandles a scalar mask combined with a vector one).
+        m_tk = m_k & (i_t + tl.zeros([BK], dtype=tl.int64) < eos)
+        m_tv = m_v & (i_t + tl.zeros([BV], dtype=tl.int64) < eos)
+        b_q = tl.load(q + (i_t * H + i_h) * K + o_k, mask=m_tk, other=0).to(tl.float32)  # [BK]
+        b_k = tl.load(k + (i_t * H + i_h) * K + o_k, mask=m_tk, other=0).to(tl.float32)  # [BK]
+        b_v = tl.load(v + (i_t * H + i_h) * V + o_v, mask=m_tv, other=0).to(tl.float32)  # [BV]
+        b_g = tl.load(g + i_t * H + i_h, mask=i_t < eos, other=0).to(tl.float32)
         b_h = b_h * tl.exp(b_g) + b_k[:, None] * b_v[None, :]  # [BK, BV]
         b_o = tl.sum(b_h * b_q[:, None], axis=0) * scale  # [BV]
-        tl.store(o + (i_t * H + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+        tl.store(o + (i_t * H + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_tv)
     if STORE_FINAL_STATE:
-        tl.store(ht + i_nh * K * V + o_k[:, None] * V + o_v[None, :], b_h, mask=m_h)
+        tl.store(ht + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], b_h, mask=m_h)
 
 
 def fused_recurrent_gated_retention_fwd(
@@ -84,7 +90,7 @@ def fused_recurrent_gated_retention_fwd(
     bv = min(next_power_of_2(value_dim, minimum=1), 64)
     o = torch.empty_like(v)
     ht = q.new_empty(num_seqs, heads, key_dim, value_dim, dtype=torch.float32) if output_final_state else None
-    fused_recurrent_gated_retention_fwd_kernel[(triton.cdiv(value_dim, bv), num_seqs * heads)](
+    fused_recurrent_gated_retention_fwd_kernel[(num_seqs * heads, triton.cdiv(value_dim, bv))](
         q, k, v, g, o, initial_state, ht, cu_seqlens, scale, length,
         H=heads, K=key_dim, V=value_dim, BK=bk, BV=bv,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ..utils import attention_inputs, autotune_configs, input_guard, is_interpreter, next_power_of_2
 
-NEG_INF = -1e30
+NEG_INF = tl.constexpr(-1e30)
 
 
 @triton.autotune(configs=autotune_configs(), key=["H", "HKV", "D", "BR", "BN"])
@@ -37,8 +37,8 @@ def shared_kv_attention_split_kernel(
     BR: tl.constexpr,
     BN: tl.constexpr,
 ):
-    i_s, i_bhk = tl.program_id(0), tl.program_id(1)
-    i_b, i_hk = i_bhk // HKV, i_bhk % HKV
+    i_bhk, i_s = tl.program_id(0), tl.program_id(1)
+    i_b, i_hk = (i_bhk // HKV).to(tl.int64), i_bhk % HKV  # int64 offsets: B * S * H_kv * D can pass 2**31
     G: tl.constexpr = H // HKV
     o_r = tl.arange(0, BR)
     m_r = o_r < G * T
@@ -85,7 +85,7 @@ def shared_kv_attention_merge_kernel(
     BD: tl.constexpr,
     BS: tl.constexpr,
 ):
-    i_r = tl.program_id(0)
+    i_r = tl.program_id(0).to(tl.int64)  # NS * R * D can pass 2**31
     o_s = tl.arange(0, BS)
     o_d = tl.arange(0, BD)
     m_s = o_s < NS
@@ -116,7 +116,7 @@ def shared_kv_attention_fwd(
     num_splits = triton.cdiv(kv_length, split_len)
     o_part = q.new_empty(num_splits, batch, length, heads, head_dim, dtype=torch.float32)
     lse_part = q.new_empty(num_splits, batch, length, heads, dtype=torch.float32)
-    shared_kv_attention_split_kernel[(num_splits, batch * kv_heads)](
+    shared_kv_attention_split_kernel[(batch * kv_heads, num_splits)](  # CUDA caps grid axis 1 at 65535
         q, k, v, o_part, lse_part, scale, kv_length, split_len,
         B=batch, T=length, H=heads, HKV=kv_heads, D=head_dim, BD=bd, BR=br, BN=bn,
     )  # fmt: skip

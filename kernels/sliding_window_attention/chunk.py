@@ -5,8 +5,8 @@ query i sees keys j with `i + S - T - W < j <= i + S - T` (`W = window_size` key
 Key blocks outside that band are skipped, so the cost is O(T * W) instead of O(T * S).
 The backward pass recomputes P from the saved log-sum-exp: one kernel for dq (over key blocks), one for dk/dv
 (per key block and KV head, looping over the query heads of its group, so no atomics are needed).
-Tiles: autotuned on a GPU over `GPU_TILES` x warps x stages, once per (H, H_kv, D, window); one fixed tile in the
-Triton interpreter.
+Tiles: autotuned on a GPU over `GPU_TILES` x warps x stages (+ `SMALL_TILE`), once per (H, H_kv, D, window); one
+fixed tile in the Triton interpreter.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ import triton.language as tl
 
 from ..utils import attention_inputs, autotune_configs, input_guard, next_power_of_2
 
-NEG_INF = -1e30  # finite: a fully masked row must not give exp(-inf - -inf) = NaN
-# (BM, BN) query x key tiles tried by the autotuner on a GPU (each with 4/8 warps and 2/3 pipeline stages).
-GPU_TILES = ((128, 64), (64, 64), (64, 32), (32, 32))
+NEG_INF = tl.constexpr(-1e30)  # finite: a fully masked row must not give exp(-inf - -inf) = NaN
+# (BM, BN) query x key tiles tried by the autotuner on a GPU (each with 4/8 warps and 2/3 pipeline stages), and
+# SMALL_TILE with 4 warps and one stage.
+GPU_TILES = ((128, 64), (64, 64), (64, 32))
+SMALL_TILE = (32, 32)  # unpipelined, for GPUs with 99 KB of shared memory (fp32, 128-wide heads)
 INTERPRETER_TILE = (64, 64)  # the interpreter's cost scales with the number of block operations: big tiles
 
 # Tuned once per head layout, head dim and window (not per length: prefill lengths vary call to call).
@@ -29,6 +31,7 @@ autotune = triton.autotune(
         stages=(2, 3),
         tiles=tuple({"BM": bm, "BN": bn} for bm, bn in GPU_TILES),
         interpreter_tile=dict(zip(("BM", "BN"), INTERPRETER_TILE)),
+        small_tile=dict(zip(("BM", "BN"), SMALL_TILE)),
     ),
     key=["H", "HKV", "D", "WINDOW"],
 )
@@ -53,8 +56,8 @@ def attention_fwd_kernel(
     BN: tl.constexpr,
     WINDOW: tl.constexpr,
 ):
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
+    i_bh, i_m = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H  # int64 offsets: B * S * H * D can pass 2**31
     i_hk = i_h // (H // HKV)
     off = S - T
     o_m = i_m * BM + tl.arange(0, BM)
@@ -119,8 +122,8 @@ def attention_bwd_kernel_dq(
     BN: tl.constexpr,
     WINDOW: tl.constexpr,
 ):
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
+    i_bh, i_m = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H  # int64 offsets: B * S * H * D can pass 2**31
     i_hk = i_h // (H // HKV)
     off = S - T
     o_m = i_m * BM + tl.arange(0, BM)
@@ -176,8 +179,8 @@ def attention_bwd_kernel_dkv(
     BN: tl.constexpr,
     WINDOW: tl.constexpr,
 ):
-    i_n, i_bhk = tl.program_id(0), tl.program_id(1)
-    i_b, i_hk = i_bhk // HKV, i_bhk % HKV
+    i_bhk, i_n = tl.program_id(0), tl.program_id(1)
+    i_b, i_hk = (i_bhk // HKV).to(tl.int64), i_bhk % HKV
     G: tl.constexpr = H // HKV
     off = S - T
     o_n = i_n * BN + tl.arange(0, BN)
@@ -237,8 +240,8 @@ def attention_fwd(
     o = torch.empty_like(q)
     lse = q.new_empty(batch, length, heads, dtype=torch.float32)
 
-    def grid(meta):
-        return triton.cdiv(length, meta["BM"]), batch * heads
+    def grid(meta):  # (batch x heads) first: CUDA caps grid axes 1 and 2 at 65535 programs
+        return batch * heads, triton.cdiv(length, meta["BM"])
 
     meta = dict(H=heads, HKV=kv_heads, D=head_dim, BD=next_power_of_2(head_dim), WINDOW=window_size)
     _launch(attention_fwd_kernel, grid, (q, k, v, o, lse, scale, length, kv_length), tile, **meta)
@@ -264,10 +267,10 @@ def attention_bwd(
     meta = dict(H=heads, HKV=kv_heads, D=head_dim, BD=next_power_of_2(head_dim), WINDOW=window_size)
 
     def grid_dq(meta):
-        return triton.cdiv(length, meta["BM"]), batch * heads
+        return batch * heads, triton.cdiv(length, meta["BM"])
 
     def grid_dkv(meta):
-        return triton.cdiv(kv_length, meta["BN"]), batch * kv_heads
+        return batch * kv_heads, triton.cdiv(kv_length, meta["BN"])
 
     args = (q, k, v, do, lse, delta)
     _launch(attention_bwd_kernel_dq, grid_dq, (*args, dq, scale, length, kv_length), tile, **meta)

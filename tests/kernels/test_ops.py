@@ -6,6 +6,8 @@ mask; a different mask, or the same one modified in place, is checked again.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -78,3 +80,83 @@ def test_inference_tensors_are_always_checked(band_checks):
         mask[..., 0] = False
         assert not ops._mask_is_plain(mask, 4, 4, 0)
     assert len(band_checks) == 2
+
+
+# ---------------------------------------------------------------------------------------------- auto fallback
+
+
+def _yoco(self_decoder_type: str, backend: str):
+    from hf_yoco import YocoConfig, YocoForCausalLM
+
+    config = YocoConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, self_decoder_type=self_decoder_type, retention_chunk_size=16,
+        sliding_window=8 if self_decoder_type == "sliding_window" else None, kernel_backend=backend,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return YocoForCausalLM(config).eval()
+
+
+LAUNCHERS = {  # op -> (module, launcher) that the tests make fail
+    "gated_retention": ("hf_yoco.kernels.gated_retention.chunk", "chunk_gated_retention_fwd"),
+    "attention": ("hf_yoco.kernels.sliding_window_attention.chunk", "attention_fwd"),
+}
+
+
+@pytest.fixture
+def break_kernel(monkeypatch):
+    """`break_kernel(op)`: make `kernel_backend="auto"` pick Triton for CPU tensors (as it does for CUDA ones) and the
+    launcher of `op` fail the way a kernel that does not fit the GPU does; returns the list of launch attempts."""
+    import importlib
+
+    from triton.runtime.errors import OutOfResources
+
+    from hf_yoco.models import modeling_common, modeling_yoco
+
+    monkeypatch.setattr(ops, "use_triton", lambda backend, tensor: backend != "torch")
+    monkeypatch.setattr(ops, "FAILED_KERNELS", {})
+    for module in (modeling_common, modeling_yoco):  # past kernel_op's shortcut that keeps "auto" CPU on PyTorch
+        monkeypatch.setattr(
+            module, "kernel_op", lambda config, tensor, name: ops.dispatch(config.kernel_backend, name, tensor)
+        )
+
+    def break_op(op: str) -> list:
+        attempts = []
+
+        def out_of_resources(*args, **kwargs):
+            attempts.append(op)
+            raise OutOfResources(232448 + 1024, 232448, "shared memory")
+
+        module, launcher = LAUNCHERS[op]
+        monkeypatch.setattr(importlib.import_module(module), launcher, out_of_resources)
+        return attempts
+
+    return break_op
+
+
+@pytest.mark.parametrize(
+    ("self_decoder_type", "op"), [("gated_retention", "gated_retention"), ("sliding_window", "attention")]
+)
+def test_auto_warns_once_and_runs_pytorch_when_a_kernel_fails(break_kernel, self_decoder_type, op):
+    attempts = break_kernel(op)
+    ids = torch.randint(0, 64, (2, 70))  # longer than the fused recurrent kernel's range: the chunk kernel
+    with torch.no_grad():
+        expected = _yoco(self_decoder_type, "torch")(ids).logits
+        model = _yoco(self_decoder_type, "auto")
+        with pytest.warns(
+            RuntimeWarning, match=rf"Triton kernel for `{op}` failed on cpu.*OutOfResources.*shared memory"
+        ):
+            torch.testing.assert_close(model(ids).logits, expected)
+        assert attempts == [op]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once: no second warning ...
+            torch.testing.assert_close(model(ids).logits, expected)
+        assert attempts == [op]  # ... and the failed kernel is not launched again on this device
+
+
+def test_triton_backend_raises_when_a_kernel_fails(break_kernel):
+    from triton.runtime.errors import OutOfResources
+
+    break_kernel("gated_retention")
+    with pytest.raises(OutOfResources, match="shared memory"), torch.no_grad():
+        _yoco("gated_retention", "triton")(torch.randint(0, 64, (1, 70)))

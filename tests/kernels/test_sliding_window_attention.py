@@ -42,9 +42,9 @@ def test_sliding_window_attention(batch, length, kv_length, heads, kv_heads, hea
 
 
 def _gpu_tiles():
-    from hf_yoco.kernels.sliding_window_attention.chunk import GPU_TILES
+    from hf_yoco.kernels.sliding_window_attention.chunk import GPU_TILES, SMALL_TILE
 
-    return GPU_TILES
+    return (*GPU_TILES, SMALL_TILE)
 
 
 @pytest.mark.parametrize("tile", _gpu_tiles(), ids=lambda tile: f"BM{tile[0]}-BN{tile[1]}")

@@ -162,6 +162,17 @@ class RotaryEmbedding(nn.Module):
         """Fresh inverse frequencies (used by `_init_weights` after meta-device construction)."""
         return compute_inv_freq(self.config, self.rotary_dim, self.style)[0]
 
+    def _apply(self, fn, *args, **kwargs):
+        """Keep the frequencies in fp32 when the model is cast (`model.to(torch.bfloat16)` casts buffers too): bf16
+        frequencies put the rotation angle of position 1000 off by up to 2 radians."""
+        fp32 = {name: buffer for name, buffer in self.named_buffers(recurse=False) if buffer.dtype == torch.float32}
+        super()._apply(fn, *args, **kwargs)
+        for name, buffer in fp32.items():
+            cast = getattr(self, name)
+            if cast.dtype != torch.float32:
+                setattr(self, name, buffer.to(cast.device))
+        return self
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # [B, T, 1] * [R/2] -> [B, T, R/2]
@@ -264,8 +275,9 @@ def find_packed_sequences(
 def kernel_op(config, tensor: torch.Tensor, name: str) -> Callable | None:
     """The Triton op `name` of `hf_yoco.kernels.ops` when `config.kernel_backend` selects Triton for `tensor`, else None.
 
-    "auto": Triton on CUDA tensors when triton is importable, PyTorch otherwise; "torch": never; "triton": always
-    (CPU tensors need `TRITON_INTERPRET=1`, otherwise a clear error).
+    "auto": Triton on CUDA tensors when triton is importable, PyTorch otherwise, and PyTorch (after one warning) for
+    an op whose kernel failed to compile or launch on that device; "torch": never; "triton": always (CPU tensors need
+    `TRITON_INTERPRET=1`, otherwise a clear error). The op returns None for calls its kernel does not cover.
     """
     backend = getattr(config, "kernel_backend", "auto")
     if backend == "torch" or (backend == "auto" and not tensor.is_cuda):
@@ -276,7 +288,7 @@ def kernel_op(config, tensor: torch.Tensor, name: str) -> Callable | None:
         if backend == "triton":
             raise ImportError("kernel_backend='triton' needs the hf_yoco package with triton installed.") from None
         return None
-    return getattr(ops, name) if ops.use_triton(backend, tensor) else None
+    return ops.dispatch(backend, name, tensor)
 
 
 def attention_forward(

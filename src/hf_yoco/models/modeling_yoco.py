@@ -458,30 +458,34 @@ class YocoGatedRetention(nn.Module):
 
         state = _get_recurrent_state(cache, self.layer_idx)
         want_state = cache is not None
-        triton_retention = kernel_op(self.config, query, "gated_retention")  # None: PyTorch path
-        if cu_seqlens is not None:
-            packed = [
+        if cu_seqlens is not None:  # packed sequences, each from a zero state: [1, B * T, ...]
+            query, key, value, log_decay = (
                 x.reshape(1, batch * length, *x.shape[2:]) for x in (query, key, value, log_decay)
-            ]  # [1, N, ...]
-            if triton_retention is not None:
-                out, _ = triton_retention(*packed, cu_seqlens=cu_seqlens)
-            else:
-                out = varlen_gated_retention(*packed, cu_seqlens, self.chunk_size)
-            out = out.view(batch, length, self.num_heads, -1)
-        elif triton_retention is not None:
-            out, state = triton_retention(query, key, value, log_decay, state, want_state)
-        elif length == 1:
-            out, state = recurrent_gated_retention(query, key, value, log_decay, state, want_state)
-        elif length <= self.chunk_size:
-            out, state = parallel_gated_retention(query, key, value, log_decay, state, want_state)
-        else:
-            out, state = chunk_gated_retention(query, key, value, log_decay, self.chunk_size, state, want_state)
+            )
+        out, state = self._retention(query, key, value, log_decay, state, want_state, cu_seqlens)
         if want_state:
             _set_recurrent_state(cache, self.layer_idx, state)
+        out = out.view(batch, length, self.num_heads, -1)
 
         out = self.norm(out).reshape(batch, length, -1)  # per-head norm, then [B, T, H * D]
         out = F.silu(self.g_proj(hidden_states)) * out
         return self.o_proj(out), None
+
+    def _retention(self, query, key, value, log_decay, state, want_state, cu_seqlens):
+        """Triton when `kernel_backend` selects it and the kernel covers the call, else the PyTorch form that fits
+        the length: recurrent (decode), parallel (up to one chunk), chunkwise, or varlen (packed)."""
+        triton_retention = kernel_op(self.config, query, "gated_retention")
+        if triton_retention is not None:
+            result = triton_retention(query, key, value, log_decay, state, want_state, cu_seqlens)
+            if result is not None:
+                return result
+        if cu_seqlens is not None:
+            return varlen_gated_retention(query, key, value, log_decay, cu_seqlens, self.chunk_size), None
+        if query.shape[1] == 1:
+            return recurrent_gated_retention(query, key, value, log_decay, state, want_state)
+        if query.shape[1] <= self.chunk_size:
+            return parallel_gated_retention(query, key, value, log_decay, state, want_state)
+        return chunk_gated_retention(query, key, value, log_decay, self.chunk_size, state, want_state)
 
 
 class YocoGlobalKV(nn.Module):
