@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import positive_float, positive_int, usage_error
 from .models.modeling_common import cache_kwarg, output_cache
 
 # bench model name -> `hf_yoco.training.tiny_config` arguments that pick the architecture
@@ -414,15 +415,17 @@ def write_reports(results: dict, output_dir: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small models and short contexts (~1 minute)")
-    parser.add_argument("--contexts", type=int, nargs="+", help="context lengths to sweep")
+    parser.add_argument("--contexts", type=positive_int, nargs="+", help="context lengths to sweep")
     parser.add_argument("--models", nargs="+", choices=MODELS, help="models to compare (default: all)")
-    parser.add_argument("--throughput-context", type=int, help="context of the max-batch throughput point")
-    parser.add_argument("--budget-gib", type=float, help="cache memory budget of the max-batch point")
-    parser.add_argument("--threads", type=int, help="torch threads per worker")
+    parser.add_argument("--throughput-context", type=positive_int, help="context of the max-batch throughput point")
+    parser.add_argument("--budget-gib", type=positive_float, help="cache memory budget of the max-batch point")
+    parser.add_argument("--threads", type=positive_int, help="torch threads per worker")
     parser.add_argument("--output-dir", default="benchmarks/results/latest", help="where JSON / markdown / PNG go")
 
 
 def run(args: argparse.Namespace) -> int:
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        usage_error(f"--output-dir {args.output_dir} is a file; choose a folder")
     settings = BenchSettings.quick() if args.quick else BenchSettings()
     for attr in ("contexts", "models", "throughput_context", "budget_gib", "threads"):
         if getattr(args, attr) is not None:

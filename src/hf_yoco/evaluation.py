@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .cli import fraction, positive_int, usage_error
+
 PERPLEXITY_METRIC = str(Path(__file__).with_name("metrics") / "sliding_window_perplexity.py")
 
 
@@ -214,9 +216,14 @@ def load_model_and_tokenizer(model_path: str, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import hf_yoco  # noqa: F401  (registers the hf_yoco model types)
+    from hf_yoco.checkpoints import check_model_folder
 
+    check_model_folder(model_path, need_tokenizer=True)  # a clear error for a missing / wrong folder
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).eval()
     return model, AutoTokenizer.from_pretrained(model_path)
+
+
+TEXT_SOURCES = "a text file, 'austen', or 'shakespeare:<play>[,<play>...]'"
 
 
 def _read_text(source: str, data_dir: str | None) -> str:
@@ -226,21 +233,24 @@ def _read_text(source: str, data_dir: str | None) -> str:
         return data.build_austen_corpus("all", data_dir).read_text()
     if source.startswith("shakespeare:"):
         return data.build_shakespeare_corpus(source.split(":", 1)[1], data_dir).read_text()
+    if not Path(source).is_file():
+        usage_error(f"text {source!r} is not a file; use {TEXT_SOURCES}")
     return Path(source).read_text()
 
 
 def add_ppl_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a saved model folder (any causal LM)")
-    parser.add_argument("--text", default="shakespeare:the-tempest",
-                        help="a text file, 'austen', or 'shakespeare:<play>'")  # fmt: skip
-    parser.add_argument("--window", type=int, default=1024)
-    parser.add_argument("--stride", type=int, default=512)
-    parser.add_argument("--max-tokens", type=int, help="score only the first N tokens")
+    parser.add_argument("--text", default="shakespeare:the-tempest", help=TEXT_SOURCES)
+    parser.add_argument("--window", type=positive_int, default=1024)
+    parser.add_argument("--stride", type=positive_int, default=512, help="<= --window")
+    parser.add_argument("--max-tokens", type=positive_int, help="score only the first N tokens")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--data-dir", help="where corpora are built (default: $HF_YOCO_DATA_DIR or ./data)")
 
 
 def run_ppl(args: argparse.Namespace) -> int:
+    if args.stride > args.window:
+        usage_error(f"--stride {args.stride} must not exceed --window {args.window} (tokens would go unscored)")
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
     text = _read_text(args.text, args.data_dir)
     result = text_perplexity(model, tokenizer, text, args.window, args.stride, args.max_tokens, progress=True)
@@ -250,12 +260,12 @@ def run_ppl(args: argparse.Namespace) -> int:
 
 def add_niah_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a saved model folder (any causal LM)")
-    parser.add_argument("--haystack", default="austen", help="a text file, 'austen', or 'shakespeare:<play>'")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
-    parser.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
-    parser.add_argument("--needles", type=int, default=1, help="needles per prompt (the first one is asked)")
-    parser.add_argument("--trials", type=int, default=2)
-    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--haystack", default="austen", help=TEXT_SOURCES)
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--depths", type=fraction, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--needles", type=positive_int, default=1, help="needles per prompt (the first one is asked)")
+    parser.add_argument("--trials", type=positive_int, default=2)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--output-dir", default="outputs/niah")
@@ -321,11 +331,13 @@ def add_lm_eval_task_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output-dir", default="outputs/lm_eval_task")
     parser.add_argument("--name", default="hf_yoco_ppl")
-    parser.add_argument("--max-docs", type=int, default=100)
+    parser.add_argument("--max-docs", type=positive_int, default=100)
     parser.add_argument("--data-dir", help="where corpora are built (default: $HF_YOCO_DATA_DIR or ./data)")
 
 
 def run_lm_eval_task(args: argparse.Namespace) -> int:
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        usage_error(f"--output-dir {args.output_dir} is a file; choose a folder")
     folder = write_lm_eval_task(_read_text(args.text, args.data_dir), args.output_dir, args.name, args.max_docs)
     print(
         f"wrote {folder}/{args.name}.yaml and .jsonl; run:\n  lm_eval --model hf --model_args "

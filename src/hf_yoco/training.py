@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import data as data_lib
+from .checkpoints import check_model_folder, resolve_resume_checkpoint
+from .cli import fraction, non_negative_int, positive_float, positive_int, usage_error
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, TrainerCallback
@@ -192,6 +194,9 @@ def train(
 
     import hf_yoco  # noqa: F401
 
+    data_lib.check_arguments(args)
+    check_arguments(args)
+    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     targs = training_arguments(args, **(training_overrides or {}))
     with targs.main_process_first(desc="preparing data"):  # rank 0 downloads/tokenizes, the others reuse the cache
         tokenizer_kind = args.init_from if (args.init_from and args.tokenizer == "bpe") else args.tokenizer
@@ -227,7 +232,7 @@ def train(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     before = evals[0] if args.eval_before and evals else float("nan")
     after = trainer.evaluate()["eval_loss"]
@@ -279,38 +284,52 @@ def train(
 # --------------------------------------------------------------------------------------------------------- CLI
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """User mistakes that no single flag shows, reported before any data or model is built."""
+    if args.init_from is None and args.model not in MODEL_ALIASES:
+        usage_error(f"--model: unknown model {args.model!r}; choose from {sorted(MODEL_ALIASES)}")
+    if args.init_from is None and args.hidden_size % args.num_heads:
+        usage_error(f"--hidden-size {args.hidden_size} must be a multiple of --num-heads {args.num_heads}")
+    if args.init_from is None and args.num_heads % args.num_kv_heads:
+        usage_error(f"--num-heads {args.num_heads} must be a multiple of --num-kv-heads {args.num_kv_heads}")
+    if args.init_from is not None:
+        check_model_folder(args.init_from, need_tokenizer=args.tokenizer == "bpe")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        usage_error(f"--output-dir {args.output_dir} is a file; choose a folder")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `hf-yoco train` / `examples/train.py` (defaults: a tiny model that trains in minutes on CPU)."""
     data_lib.add_arguments(parser)
     m = parser.add_argument_group("model")
     m.add_argument("--model", default="yoco", help="yoco | block (or a full model_type)")
     m.add_argument("--self-decoder", default="gated_retention", choices=["gated_retention", "sliding_window"])
-    m.add_argument("--sliding-window", type=int, default=64, help="window of the sliding-window self-decoder")
-    m.add_argument("--block-length", type=int, default=4, help="Block Transformer tokens per block")
-    m.add_argument("--hidden-size", type=int, default=128)
-    m.add_argument("--num-layers", type=int, default=4)
-    m.add_argument("--num-heads", type=int, default=4)
-    m.add_argument("--num-kv-heads", type=int, default=2)
-    m.add_argument("--intermediate-size", type=int, default=None)
+    m.add_argument("--sliding-window", type=positive_int, default=64, help="window of the sliding-window self-decoder")
+    m.add_argument("--block-length", type=positive_int, default=4, help="Block Transformer tokens per block")
+    m.add_argument("--hidden-size", type=positive_int, default=128)
+    m.add_argument("--num-layers", type=positive_int, default=4)
+    m.add_argument("--num-heads", type=positive_int, default=4)
+    m.add_argument("--num-kv-heads", type=positive_int, default=2)
+    m.add_argument("--intermediate-size", type=positive_int, default=None)
     m.add_argument("--init-from", default=None, help="fine-tune a saved model (its tokenizer is used too)")
     t = parser.add_argument_group("training")
     t.add_argument("--output-dir", default="outputs/train")
-    t.add_argument("--max-steps", type=int, default=200)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--learning-rate", type=float, default=2e-3)
+    t.add_argument("--max-steps", type=positive_int, default=200)
+    t.add_argument("--batch-size", type=positive_int, default=8)
+    t.add_argument("--grad-accum", type=positive_int, default=1)
+    t.add_argument("--learning-rate", type=positive_float, default=2e-3)
     t.add_argument("--lr-scheduler", default="cosine")
-    t.add_argument("--warmup-steps", type=int, default=10)
-    t.add_argument("--weight-decay", type=float, default=0.1)
-    t.add_argument("--max-grad-norm", type=float, default=1.0)
-    t.add_argument("--eval-steps", type=int, default=50, help="0 disables periodic evaluation")
-    t.add_argument("--save-steps", type=int, default=100, help="0 disables checkpoints")
-    t.add_argument("--save-total-limit", type=int, default=2)
-    t.add_argument("--logging-steps", type=int, default=10)
+    t.add_argument("--warmup-steps", type=non_negative_int, default=10)
+    t.add_argument("--weight-decay", type=fraction, default=0.1)
+    t.add_argument("--max-grad-norm", type=positive_float, default=1.0)
+    t.add_argument("--eval-steps", type=non_negative_int, default=50, help="0 disables periodic evaluation")
+    t.add_argument("--save-steps", type=non_negative_int, default=100, help="0 disables checkpoints")
+    t.add_argument("--save-total-limit", type=positive_int, default=2)
+    t.add_argument("--logging-steps", type=positive_int, default=10)
     t.add_argument("--report-to", nargs="*", default=[], help="e.g. tensorboard (default: none)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--max-train-samples", type=int, default=0)
-    t.add_argument("--max-eval-samples", type=int, default=0)
+    t.add_argument("--max-train-samples", type=non_negative_int, default=0, help="0: all")
+    t.add_argument("--max-eval-samples", type=non_negative_int, default=0, help="0: all")
     t.add_argument("--activation-checkpointing", action="store_true", help="recompute layer activations")
     t.add_argument("--bf16", action="store_true")
     t.add_argument(
@@ -327,18 +346,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="?",
         const=True,
         default=None,
-        help="resume from the latest checkpoint in --output-dir, or from the given checkpoint folder",
+        help="resume from the latest complete checkpoint in --output-dir (one interrupted while being written is "
+        "skipped), or from the given checkpoint folder",
     )
     lo = parser.add_argument_group("LoRA (peft)")
     lo.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights")
-    lo.add_argument("--lora-r", type=int, default=8)
-    lo.add_argument("--lora-alpha", type=int, default=16)
-    lo.add_argument("--lora-dropout", type=float, default=0.0)
+    lo.add_argument("--lora-r", type=positive_int, default=8)
+    lo.add_argument("--lora-alpha", type=positive_int, default=16)
+    lo.add_argument("--lora-dropout", type=fraction, default=0.0)
     lo.add_argument("--lora-targets", nargs="*", default=None, help="default: hf_yoco's registered targets")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from .cli import ArgumentParser
+
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
     return parser.parse_args(argv)
 

@@ -63,6 +63,8 @@ from .modeling_common import (
     attention_forward,
     cache_kwarg,
     causal_lm_head_and_loss,
+    check_labels,
+    check_model_inputs,
     find_packed_sequences,
     output_cache,
     pick_cache,
@@ -206,6 +208,14 @@ class BlockTransformerCache(Cache):
         self.pending_tokens: torch.Tensor | None = None
         self.num_tokens: torch.Tensor | None = None
         self._seen_tokens = 0
+
+    def fits(self, config: BlockTransformerConfig) -> bool:
+        """Whether this cache has the layout a model of `config` needs."""
+        return (
+            (self.num_block_decoder_layers, len(self.layers), self.block_length, self.num_prefix_tokens)
+            == (config.num_block_decoder_layers, config.num_block_decoder_layers + config.num_token_decoder_layers,
+                config.block_length, config.num_prefix_tokens)
+        )  # fmt: skip
 
     @property
     def block_layers(self) -> list[BlockTransformerBlockCacheLayer]:
@@ -541,6 +551,14 @@ class BlockTransformerModel(BlockTransformerPreTrainedModel):
             )
         if cache is not None and not isinstance(cache, BlockTransformerCache):
             raise ValueError(f"`cache` must be a BlockTransformerCache, got {type(cache).__name__}.")
+        if cache is not None and not cache.fits(self.config):
+            raise ValueError(
+                "`cache` was built for another Block Transformer (layers, block length or prefix differ); use "
+                "BlockTransformerCache(model.config)"
+            )
+        check_model_inputs(
+            self.config, input_ids, None, attention_mask, position_ids, cache.get_seq_length() if cache else 0
+        )
         for name in ("output_hidden_states", "output_attentions"):  # refused rather than silently returning None
             if kwargs.get(name, getattr(self.config, name, False)):
                 raise ValueError(
@@ -793,6 +811,7 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         cross-entropy (`self.loss_function`, which honours Trainer's `num_items_in_batch`). `skip_logits=True`
         returns only the loss; None skips the logits only when training with labels and a fused linear
         cross-entropy is installed (`hf_yoco.integrations.apply_liger_kernel_to_hf_yoco`)."""
+        check_labels(labels, input_ids)
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -25,7 +25,9 @@ files import it as a flat sibling (`from .modeling_common import ...`), the only
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,6 +41,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
+# True for the package's own copy of this file; False for the copy a checkpoint carries as Hub remote code.
+IN_PACKAGE = __name__.startswith("hf_yoco.")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # transformers compatibility: the name of the cache.
@@ -78,6 +82,75 @@ def output_cache(outputs: Any) -> Any:
     if isinstance(outputs, Mapping):
         return outputs.get(CACHE_NAME)
     return getattr(outputs, CACHE_NAME, None)
+
+
+def check_model_inputs(
+    config,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    past_length: int = 0,
+) -> None:
+    """A clear `ValueError` for malformed model inputs, naming the argument and what it must be.
+
+    Checks shapes and dtypes always; the values (ids within the vocabulary, a real token in every row of the padding
+    mask) cost a host sync, so on a GPU they are checked at prefill only (decode steps feed the model's own tokens).
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
+    if input_ids is not None:
+        if input_ids.dtype.is_floating_point or input_ids.dtype in (torch.bool, torch.complex64, torch.complex128):
+            raise ValueError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.ndim != 2:
+            raise ValueError(f"`input_ids` must be [batch, seq_len], got shape {list(input_ids.shape)}")
+        batch, length = input_ids.shape
+    else:
+        if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(
+                f"`inputs_embeds` must be [batch, seq_len, hidden_size={config.hidden_size}], got shape "
+                f"{list(inputs_embeds.shape)}"
+            )
+        if not inputs_embeds.is_floating_point():
+            raise ValueError(f"`inputs_embeds` must be floating point, got dtype {inputs_embeds.dtype}")
+        batch, length = inputs_embeds.shape[:2]
+    if length == 0:
+        raise ValueError("empty input: the sequence has no tokens (seq_len 0); pass at least one token")
+    reference = input_ids if input_ids is not None else inputs_embeds
+    check_values = not torch.compiler.is_compiling() and (reference.device.type == "cpu" or past_length == 0)
+    if input_ids is not None and check_values:
+        low, high = (int(v) for v in torch.aminmax(input_ids))
+        if low < 0 or high >= config.vocab_size:
+            raise ValueError(
+                f"`input_ids` must be token ids in [0, {config.vocab_size}) (the config's vocab_size), got values "
+                f"from {low} to {high}"
+            )
+    if attention_mask is not None:
+        if attention_mask.ndim == 2:
+            expected = [batch, past_length + length]
+            if list(attention_mask.shape) != expected:
+                raise ValueError(
+                    f"`attention_mask` must be [batch, cached + new tokens] = {expected}, got {list(attention_mask.shape)}"
+                )
+            if check_values and past_length == 0:
+                empty = (attention_mask == 0).all(-1).nonzero().flatten().tolist()
+                if empty:
+                    raise ValueError(f"`attention_mask` rows {empty} mask every token: each row needs a real token")
+        elif attention_mask.ndim != 4:
+            raise ValueError(
+                "`attention_mask` must be a 2D [batch, seq_len] padding mask (or a 4D attention mask), got shape "
+                f"{list(attention_mask.shape)}"
+            )
+    if position_ids is not None and (
+        position_ids.ndim != 2 or position_ids.shape[1] != length or position_ids.shape[0] not in (1, batch)
+    ):
+        raise ValueError(f"`position_ids` must be [batch or 1, seq_len={length}], got {list(position_ids.shape)}")
+
+
+def check_labels(labels: torch.Tensor | None, inputs: torch.Tensor | None) -> None:
+    """`labels` must have the `[batch, seq_len]` of the inputs (ids or embeddings)."""
+    if labels is not None and inputs is not None and list(labels.shape) != list(inputs.shape[:2]):
+        raise ValueError(f"`labels` must be [batch, seq_len] = {list(inputs.shape[:2])}, got {list(labels.shape)}")
 
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
@@ -388,11 +461,23 @@ class DenseMLP(nn.Module):
         return self.down_proj(self.act_fn(self.up_proj(hidden_states)))
 
 
+def _read_config_json(folder: str | os.PathLike) -> dict:
+    from hf_yoco.checkpoints import read_config
+
+    return read_config(Path(folder))
+
+
 class HfYocoModelMixin:
     """Behaviour shared by the hf_yoco `PreTrainedModel`s (put it first in the bases).
 
-    - `push_to_hub` also uploads hf_yoco's model card (`hf_yoco.hub`) when the package is installed; without it
-      (remote code) the stock transformers behaviour is kept.
+    As part of the hf_yoco package (as Hub remote code, transformers' own behaviour is kept, and hf_yoco is never
+    imported, even where it is installed):
+    - `save_pretrained` writes atomically: into a temporary folder that replaces the target only once complete
+      (`hf_yoco.checkpoints.atomic_directory`), so an interrupted save leaves the previous folder intact.
+    - `from_pretrained` of a local folder first checks its files (`hf_yoco.checkpoints.check_model_folder`): a
+      truncated or corrupted safetensors, unknown `config.json` fields or a `config.json` that does not match the
+      weights raise a clear error naming the file.
+    - `push_to_hub` also uploads hf_yoco's model card (`hf_yoco.hub`).
     - The attention implementation can be switched after loading (`model.set_attn_implementation("eager")`): the
       layers dispatch through transformers' `AttentionInterface` in `attention_forward` above, which transformers'
       source-grep heuristic cannot see from the model file.
@@ -402,9 +487,32 @@ class HfYocoModelMixin:
     def _can_set_attn_implementation(cls) -> bool:
         return True
 
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        if not IN_PACKAGE or not kwargs.get("is_main_process", True) or kwargs.get("push_to_hub"):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        from hf_yoco.checkpoints import atomic_directory
+
+        with atomic_directory(save_directory) as tmp:
+            return super().save_pretrained(tmp, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, *args, **kwargs):
+        path = pretrained_model_name_or_path
+        if IN_PACKAGE and path is not None and os.path.isdir(path) and not kwargs.get("subfolder"):
+            from hf_yoco.checkpoints import check_model_folder
+
+            config = kwargs.get("config")
+            if config is None or isinstance(config, (str, os.PathLike)):
+                fields = cls.config_class().to_dict()
+                overrides = {key: value for key, value in kwargs.items() if key in fields}
+                config = cls.config_class.from_dict({**_read_config_json(path), **overrides})
+            model_class = None if kwargs.get("ignore_mismatched_sizes") else cls
+            check_model_folder(path, model_class, config)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     def push_to_hub(self, repo_id: str, **kwargs) -> str:
-        try:
-            from hf_yoco.hub import push_to_hub_with_card
-        except ImportError:
+        if not IN_PACKAGE:
             return super().push_to_hub(repo_id, **kwargs)
+        from hf_yoco.hub import push_to_hub_with_card
+
         return push_to_hub_with_card(self, repo_id, **kwargs)

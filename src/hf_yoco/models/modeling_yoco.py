@@ -49,6 +49,8 @@ from .modeling_common import (
     attention_forward,
     cache_kwarg,
     causal_lm_head_and_loss,
+    check_labels,
+    check_model_inputs,
     find_packed_sequences,
     kernel_op,
     output_cache,
@@ -701,6 +703,30 @@ class YocoModel(YocoPreTrainedModel):
             )
         return packed
 
+    def _check_cache(self, cache: Cache, batch_size: int) -> None:
+        """The cache must have this config's layout (a `YocoCache(config=model.config)`, or a transformers cache built
+        from this config) and, once filled, the batch size of the inputs."""
+        if not isinstance(cache, Cache):
+            raise ValueError(f"`cache` must be a YocoCache, got {type(cache).__name__}")
+        half = self.num_self_decoder_layers
+        if self.config.self_decoder_type == "gated_retention":
+            self_layers_fit = all(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in cache.layers[:half])
+        else:
+            self_layers_fit = all(getattr(layer, "is_sliding", False) for layer in cache.layers[:half])
+        if len(cache.layers) != self.config.num_hidden_layers or not self_layers_fit:
+            kinds = sorted({type(layer).__name__ for layer in cache.layers})
+            raise ValueError(
+                f"`cache` was built for another model ({len(cache.layers)} layers: {kinds}); this YOCO model "
+                f"({self.config.num_hidden_layers} layers, {self.config.self_decoder_type}) needs "
+                "YocoCache(config=model.config)"
+            )
+        keys = cache.layers[half].keys if cache.get_seq_length() else None
+        if keys is not None and keys.numel() and keys.shape[0] != batch_size:
+            raise ValueError(
+                f"`cache` holds {keys.shape[0]} sequences but the inputs have {batch_size} (use "
+                "`cache.batch_repeat_interleave` / `batch_select_indices` to change its batch)"
+            )
+
     def _self_decoder_mask(
         self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None, position_ids
     ) -> torch.Tensor | None:
@@ -785,10 +811,13 @@ class YocoModel(YocoPreTrainedModel):
         with no `attention_mask` and no cache. Each sequence then sees only itself (window, retention
         state and cross-attention all restart) and no cache is returned.
         """
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        batch_size = (input_ids if inputs_embeds is None else inputs_embeds).shape[0]
         cache = pick_cache(cache, past_key_values)
+        if cache is not None:
+            self._check_cache(cache, (input_ids if inputs_embeds is None else inputs_embeds).shape[0])
+        check_model_inputs(
+            self.config, input_ids, inputs_embeds, attention_mask, position_ids, cache.get_seq_length() if cache else 0
+        )
+        batch_size = (input_ids if inputs_embeds is None else inputs_embeds).shape[0]
         packed_sequences = self._packed_sequences(position_ids, attention_mask, cache, batch_size)
         if packed_sequences is not None:
             use_cache = False
@@ -947,6 +976,7 @@ class YocoForCausalLM(YocoPreTrainedModel, GenerationMixin):
         >>> out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False)
         ```
         """
+        check_labels(labels, input_ids if input_ids is not None else inputs_embeds)
         cross_positions = logits_to_keep if labels is None and isinstance(logits_to_keep, int) else 0
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
