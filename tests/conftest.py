@@ -33,3 +33,17 @@ class _DeprecatedCacheName(logging.Handler):
 
 
 logging.getLogger("transformers").addHandler(_DeprecatedCacheName())
+
+
+# Property-based tests (hypothesis): the default profile "ci" is derandomized (CI is reproducible); "long"
+# (HYPOTHESIS_PROFILE=long) runs ten times the examples with fresh randomness, for local runs.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def examples(n: int):
+    """`max_examples` of a property test: `n` in CI, ten times that under the "long" profile."""
+    return settings(max_examples=n * (10 if os.environ.get("HYPOTHESIS_PROFILE") == "long" else 1))

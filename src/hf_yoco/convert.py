@@ -584,6 +584,8 @@ def convert_official_block_transformer(
             `official_block_transformer_config`, or `None` to infer the architecture from the tensor shapes.
         dtype: dtype of the returned model (released checkpoints are probably bf16).
     """
+    if isinstance(config, (str, Path)):
+        config = _read_trainer_config(config)  # a wrong path is reported before the checkpoint is read
     state_dict = _load_safetensors(Path(checkpoint))
     if not isinstance(config, BlockTransformerConfig):
         config = (

@@ -166,10 +166,11 @@ class YocoConfig(PreTrainedConfig):
                 f"({self.num_attention_heads})."
             )
         if self.self_decoder_type == "sliding_window":
-            if self.sliding_window is None or isinstance(self.sliding_window, bool) or self.sliding_window <= 0:
+            if self.sliding_window is None or isinstance(self.sliding_window, bool) or self.sliding_window < 2:
                 raise ValueError(
-                    "`sliding_window` must be a positive int (the number of keys each token sees, itself included) "
-                    f"when `self_decoder_type='sliding_window'`, got {self.sliding_window!r}."
+                    "`sliding_window` must be an int >= 2 (the number of keys each token sees, itself included; "
+                    "transformers' sliding-window cache cannot hold the empty past of a window of 1) when "
+                    f"`self_decoder_type='sliding_window'`, got {self.sliding_window!r}."
                 )
             if self.num_retention_heads is not None:
                 raise ValueError(

@@ -6,9 +6,9 @@ files import it as a flat sibling (`from .modeling_common import ...`), the only
 - `RMSNorm`: Llama-convention RMSNorm (normalize in fp32, cast back, then scale); `elementwise_affine=False` gives
   the weight-less per-head norm of gated retention.
 - `GatedMLP`: SwiGLU feed-forward with Llama names (`gate_proj`, `up_proj`, `down_proj`).
-- `RotaryEmbedding` / `apply_rotary` (one tensor) / `apply_rotary_pos_emb` (query and key): RoPE with transformers' `rope_parameters` (default, linear, dynamic,
-  yarn, ...), partial rotary, and the official YOCO variant (`theta ** -linspace(0, 1, d/2)` frequencies,
-  interleaved GPT-J pairs).
+- `RotaryEmbedding` / `apply_rotary` (one tensor) / `apply_rotary_pos_emb` (query and key): RoPE with transformers'
+  `rope_parameters` (default, linear, yarn, llama3, ...; not the types that rescale at run time), partial rotary, and
+  the official YOCO variant (`theta ** -linspace(0, 1, d/2)` frequencies, interleaved GPT-J pairs).
 - `eager_attention_forward` / `attention_forward`: the attention glue that dispatches through transformers'
   attention interface (`config._attn_implementation`: eager, sdpa, flash_attention_2, ...).
 - `find_packed_sequences`: packed-sequence detection from `position_ids` (YOCO masks them, the Block Transformer
@@ -207,8 +207,35 @@ def compute_inv_freq(config, rotary_dim: int, style: str = "default") -> tuple[t
     if rope_type == "default":
         exponent = torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim
         return 1.0 / (base**exponent), 1.0
-    # Scaled variants (linear, dynamic, yarn, llama3, ...) read `head_dim` and `partial_rotary_factor` from the config.
-    return ROPE_INIT_FUNCTIONS[rope_type](config, None)
+    if rope_type in RUNTIME_ROPE_TYPES:
+        raise ValueError(
+            f"`rope_parameters['rope_type']` {rope_type!r} rescales the frequencies with the sequence length at run "
+            f"time, which hf_yoco does not do; use one of {sorted(set(ROPE_INIT_FUNCTIONS) - RUNTIME_ROPE_TYPES)}."
+        )
+    return ROPE_INIT_FUNCTIONS[rope_type](_RotaryConfigView(config, rotary_dim), None)
+
+
+# RoPE types whose frequencies change with the sequence length during the forward (transformers'
+# `dynamic_rope_update`); hf_yoco computes the frequencies once.
+RUNTIME_ROPE_TYPES = {"dynamic", "longrope"}
+
+
+class _RotaryConfigView:
+    """A config as transformers' RoPE functions must see it for `rotary_dim` rotated channels: they size their
+    frequencies by `head_dim * rope_parameters['partial_rotary_factor']`, while YOCO's retention heads and the Block
+    Transformer's partial rotary have other widths."""
+
+    def __init__(self, config, rotary_dim: int) -> None:
+        self._config = config
+        self.head_dim = rotary_dim
+        self.partial_rotary_factor = 1.0
+        self.rope_parameters = {**config.rope_parameters, "partial_rotary_factor": 1.0}
+
+    def standardize_rope_params(self) -> None:  # already standard: a copy of the config's own
+        pass
+
+    def __getattr__(self, name: str):
+        return getattr(self._config, name)
 
 
 class RotaryEmbedding(nn.Module):
