@@ -485,10 +485,8 @@ def test_eos_stop_strings_and_streamer(model):
         assert len(expected.split()) >= 4 and result[0]["generated_text"].split() == expected.split()
 
 
-def test_assisted_decoding_is_refused(model):
+def test_static_cache_implementation_is_refused(model):
     ids = torch.randint(3, VOCAB, (1, 6))
-    with pytest.raises(ValueError, match="stateful"):
-        model.generate(ids, max_new_tokens=4, prompt_lookup_num_tokens=2, **GEN)
     with pytest.raises(ValueError, match="cache_implementation"):
         model.generate(ids, max_new_tokens=4, cache_implementation="static", **GEN)
 

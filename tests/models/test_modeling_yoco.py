@@ -360,23 +360,6 @@ def test_cache_batch_methods(self_decoder_type):
     assert cache.get_seq_length() == 0
 
 
-def test_cache_crop_exact_for_swa_refused_for_retention():
-    model = tiny_model("sliding_window")
-    input_ids = torch.randint(1, 64, (1, 12))
-    cache = YocoCache(config=model.config)
-    cache.activate_past_recording()
-    model(input_ids, cache=cache)
-    cache.crop(-3)
-    assert cache.get_seq_length() == 9
-    torch.testing.assert_close(
-        model(input_ids[:, 9:], cache=cache).logits, model(input_ids).logits[:, 9:], atol=ATOL, rtol=0
-    )
-    retention = tiny_model("gated_retention")
-    cache = output_cache(retention(input_ids))
-    with pytest.raises(ValueError, match="gated_retention"):
-        cache.crop(-1)
-
-
 # ---------------------------------------------------------------------------------------------- generate()
 
 
@@ -455,17 +438,6 @@ def test_generate_stops_on_eos_and_stop_strings_and_streams(self_decoder_type, c
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
     text = generator("abcXyz", max_new_tokens=4, do_sample=False)[0]["generated_text"]
     assert text.startswith("abcXyz") and len(text) == 10
-
-
-def test_assisted_decoding_exact_for_swa_refused_for_retention():
-    model = tiny_model("sliding_window")
-    input_ids = torch.randint(1, 64, (1, 9))
-    reference = greedy(model, input_ids, max_new_tokens=8)
-    assert torch.equal(greedy(model, input_ids, max_new_tokens=8, assistant_model=model), reference)
-    assert torch.equal(greedy(model, input_ids, max_new_tokens=8, prompt_lookup_num_tokens=2), reference)
-    retention = tiny_model("gated_retention")
-    with pytest.raises(ValueError, match="stateful"):
-        greedy(retention, input_ids, prompt_lookup_num_tokens=2)
 
 
 # ---------------------------------------------------------------------------------------------- training contract

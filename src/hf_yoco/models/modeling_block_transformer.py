@@ -192,11 +192,16 @@ class BlockTransformerCache(Cache):
 
     `generate()` creates it by itself; pass one as `cache` (or `past_key_values`) to continue or to inspect it
     (`memory_bytes()`).
-    `crop` is exact inside the current block and raises across a block boundary (assisted decoding is refused).
+
+    Rollback (assisted and prompt-lookup decoding): after `activate_past_recording()` the cache also keeps the ids
+    of every real token per row (`history`, `[B, N]`, 8 bytes a token). `crop(-n)` then goes back to any earlier
+    position: completed blocks past it are dropped (their block-decoder K/V is masked and later overwritten), the
+    pending tokens are restored from the history, and a row whose current block changed is marked `stale`: the next
+    forward recomputes that one block's context and local token-decoder state before decoding on. Without
+    recording, `crop` is exact inside the current block and raises across a block boundary.
     """
 
     is_compileable = False
-    is_croppable = False
 
     def __init__(self, config: BlockTransformerConfig) -> None:
         self.num_block_decoder_layers = config.num_block_decoder_layers
@@ -208,6 +213,30 @@ class BlockTransformerCache(Cache):
         self.pending_tokens: torch.Tensor | None = None
         self.num_tokens: torch.Tensor | None = None
         self._seen_tokens = 0
+        self.record_past = False
+        self.history: torch.Tensor | None = None  # [B, capacity] ids of the real tokens, while recording
+        self.stale: torch.Tensor | None = None  # [B] rows whose local state must be rebuilt (after a crop)
+
+    def activate_past_recording(self) -> None:
+        """Keep what `crop` needs to go back across block boundaries (called by generate's assisted decoding)."""
+        self.record_past = True
+
+    @property
+    def is_croppable(self) -> bool:
+        return self.record_past
+
+    def record_tokens(self, ids: torch.Tensor, start: torch.Tensor) -> None:
+        """While recording: write `ids` `[B, T]` (real tokens only) into the history at per-row offsets `start`."""
+        if not self.record_past:
+            return
+        needed = int((start + ids.shape[1]).max())
+        if self.history is None or self.history.shape[1] < needed:
+            grown = ids.new_zeros(ids.shape[0], needed + 256)
+            if self.history is not None:
+                grown[:, : self.history.shape[1]] = self.history
+            self.history = grown
+        columns = start[:, None] + torch.arange(ids.shape[1], device=ids.device)[None]  # [B, T]
+        self.history.scatter_(1, columns, ids)
 
     def fits(self, config: BlockTransformerConfig) -> bool:
         """Whether this cache has the layout a model of `config` needs."""
@@ -251,11 +280,12 @@ class BlockTransformerCache(Cache):
         return self._seen_tokens + query_length, 0
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes held: `block_decoder_kv`, `token_decoder_kv` (local), `pending_tokens`, `bookkeeping`, `total`."""
+        """Bytes held: `block_decoder_kv`, `token_decoder_kv` (local), `pending_tokens`, `bookkeeping` (token counts,
+        and the token history while recording), `total`."""
         block_kv = sum(tensor_bytes(layer.keys, layer.values) for layer in self.block_layers)
         local_kv = sum(tensor_bytes(layer.keys, layer.values) for layer in self.local_layers)
         pending = tensor_bytes(self.pending_tokens)
-        bookkeeping = tensor_bytes(self.num_tokens)
+        bookkeeping = tensor_bytes(self.num_tokens, self.history, self.stale)
         return {
             "block_decoder_kv": block_kv,
             "token_decoder_kv": local_kv,
@@ -269,6 +299,8 @@ class BlockTransformerCache(Cache):
             layer._map(fn)
         if self.num_tokens is not None:
             self.pending_tokens, self.num_tokens = fn(self.pending_tokens), fn(self.num_tokens)
+        self.history = None if self.history is None else fn(self.history)
+        self.stale = None if self.stale is None else fn(self.stale)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: keep rows `beam_idx`."""
@@ -284,15 +316,15 @@ class BlockTransformerCache(Cache):
         """Forget everything (the next forward is a fresh prefill)."""
         for layer in self.layers:
             layer.reset()
-        self.pending_tokens = self.num_tokens = None
+        self.pending_tokens = self.num_tokens = self.history = self.stale = None
         self._seen_tokens = 0
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last `-tokens_to_remove` tokens (negative, as `DynamicLayer.crop`).
 
-        Exact while every row stays inside its current block (the local K/V slots past the new length are simply
-        masked again); removing a token of an already completed block raises, because the block decoder's state for
-        that block and the previous block's local state are gone.
+        Inside each row's current block it only masks the local K/V slots past the new length again. Across a block
+        boundary it needs the token history (`activate_past_recording()`): the row's pending tokens are restored and
+        its local state is rebuilt by the next forward (see the class docstring).
         """
         if tokens_to_remove > 0:
             raise ValueError(
@@ -302,14 +334,26 @@ class BlockTransformerCache(Cache):
         remove = -tokens_to_remove
         if remove == 0 or self.num_tokens is None:
             return
-        if bool((self.num_pending < remove).any()):
-            raise ValueError(
-                f"BlockTransformerCache can only crop tokens of the current, unfinished block: removing {remove} "
-                f"token(s) would cross a block boundary for some row (pending tokens per row: "
-                f"{self.num_pending.tolist()}). Re-run the prefix instead; assisted decoding is not supported."
-            )
+        crosses = self.num_pending < remove  # [B]
+        if bool(crosses.any()):
+            if self.history is None:
+                raise ValueError(
+                    f"BlockTransformerCache can only crop tokens of the current, unfinished block without recording: "
+                    f"removing {remove} token(s) would cross a block boundary for some row (pending tokens per row: "
+                    f"{self.num_pending.tolist()}). Call `cache.activate_past_recording()` before the tokens to undo "
+                    "are fed (generate's assisted decoding does), or re-run the prefix."
+                )
+            if bool((self.num_tokens < remove).any()):
+                raise ValueError(f"cannot remove {remove} token(s): some row holds only {int(self.num_tokens.min())}")
         self.num_tokens = self.num_tokens - remove
         self._seen_tokens -= remove
+        if bool(crosses.any()):
+            L = self.block_length
+            block_start = self.num_blocks * L  # [B]
+            columns = block_start[:, None] + torch.arange(L - 1, device=block_start.device)[None]  # [B, L-1]
+            restored = self.history.gather(1, columns.clamp(max=self.history.shape[1] - 1))
+            self.pending_tokens = torch.where(crosses[:, None], restored, self.pending_tokens)
+            self.stale = crosses if self.stale is None else self.stale | crosses
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -486,8 +530,6 @@ class BlockTransformerPreTrainedModel(HfYocoModelMixin, PreTrainedModel):
     _supports_flash_attn = False  # masks are explicit (ragged caches, local windows)
     _supports_flex_attn = False
     _can_compile_fullgraph = False
-    # The cache cannot be rolled back across block boundaries: refuse assisted / prompt-lookup decoding.
-    _is_stateful = True
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -663,6 +705,7 @@ class BlockTransformerModel(BlockTransformerPreTrainedModel):
                 cache.pending_tokens = pending_ids
                 cache.num_tokens = num_tokens
                 cache._seen_tokens = length
+                cache.record_tokens(aligned_ids, torch.zeros_like(num_tokens))  # real tokens first in each row
             if last_only:
                 return last_state
 
@@ -693,8 +736,49 @@ class BlockTransformerModel(BlockTransformerPreTrainedModel):
                 f"Batch size {input_ids.shape[0]} does not match the cache's {cache.batch_size} (expand the inputs "
                 "before building the cache, or use `cache.batch_repeat_interleave`)."
             )
+        if cache.stale is not None and bool(cache.stale.any()):
+            self._rebuild_local_state(cache)
         states = [self._decode_step(input_ids[:, i], cache) for i in range(input_ids.shape[1])]
         return torch.stack(states, dim=1)
+
+    def _rebuild_local_state(self, cache: BlockTransformerCache) -> None:
+        """After a `crop` across a block boundary: for each such row, the context of its current block (one
+        block-decoder step on the block before it, or the start context for block 0) and its local token-decoder K/V
+        over `[prefix, pending tokens]`, exactly as if the row had been decoded up to here."""
+        config = self.config
+        L, k, S = config.block_length, config.num_prefix_tokens, config.token_decoder_length
+        batch, device, dtype = cache.batch_size, cache.num_tokens.device, self.start_context.dtype
+        rows = cache.stale.nonzero(as_tuple=True)[0]  # [r]
+        blocks = cache.num_blocks[rows]  # [r], current block of each stale row
+        contexts = self.start_context.to(dtype)[None].expand(len(rows), -1).clone()  # [r, D]
+        previous = blocks > 0
+        if bool(previous.any()):
+            rows_p, blocks_p = rows[previous], blocks[previous] - 1  # the last completed block of each row
+            columns = blocks_p[:, None] * L + torch.arange(L, device=device)[None]  # [r', L]
+            block_embeds = self.embedder(cache.history[rows_p].gather(1, columns)[:, None])  # [r', 1, D]
+            allowed = torch.arange(int(blocks_p.max()) + 1, device=device)[None] <= blocks_p[:, None]
+            block_states = self.block_decoder(
+                block_embeds,
+                blocks_p[:, None],
+                _additive_mask(allowed, dtype)[:, None, None],
+                cache=cache,
+                cache_kwargs={"rows": rows_p, "positions": blocks_p, "batch_size": batch},
+            )  # [r', 1, D]; rewrites that block's (unchanged) K/V
+            contexts[previous] = block_states[:, 0].to(contexts.dtype)
+        inputs = self.token_decoder.embed_tokens.weight.new_zeros(batch, S, config.hidden_size)  # [B, S, D]
+        inputs[rows, :k] = self.token_decoder.expand_context(contexts).to(inputs.dtype)
+        inputs[rows, k:] = self.token_decoder.embed_tokens(cache.pending_tokens[rows])
+        slots = torch.arange(S, device=device)
+        positions = slots[None].expand(batch, -1)  # [B, S]
+        write_mask = cache.stale[:, None] & (slots[None] < (k + cache.num_pending)[:, None])  # [B, S]
+        self.token_decoder(
+            inputs,
+            positions,
+            _causal_mask(S, dtype, device),
+            cache=cache,
+            cache_kwargs={"positions": positions, "write_mask": write_mask},
+        )  # only the stale rows' local K/V are written
+        cache.stale = None
 
     def _decode_step(self, new_ids: torch.Tensor, cache: BlockTransformerCache) -> torch.Tensor:
         """One token per row, `[B]` -> `[B, D]` (the state predicting the following token)."""
@@ -743,7 +827,8 @@ class BlockTransformerModel(BlockTransformerPreTrainedModel):
             cache_kwargs={"positions": local_positions, "write_mask": write_mask},
         )  # [B, q, D]
 
-        # 3. Bookkeeping: pending ids of unfinished blocks, token counts
+        # 3. Bookkeeping: pending ids of unfinished blocks, token counts (and the history while recording)
+        cache.record_tokens(new_ids[:, None], cache.num_tokens)
         if L > 1:
             keep = ~completes
             cache.pending_tokens[keep, num_pending[keep]] = new_ids[keep]
@@ -790,7 +875,10 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
                 "BlockTransformerForCausalLM only supports its own dynamic BlockTransformerCache; got "
                 f"`cache_implementation={generation_config.cache_implementation!r}`."
             )
-        model_kwargs[CACHE_NAME] = BlockTransformerCache(self.config)
+        cache = BlockTransformerCache(self.config)
+        if generation_config.is_assistant:  # a draft model's cache is cropped after each verification
+            cache.activate_past_recording()
+        model_kwargs[CACHE_NAME] = cache
 
     @can_return_tuple
     def forward(

@@ -21,7 +21,13 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, LinearAttentionCacheLayerMixin
+from transformers.cache_utils import (
+    Cache,
+    DynamicCache,
+    DynamicLayer,
+    LinearAttentionCacheLayerMixin,
+    LinearAttentionLayer,
+)
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import (
     ALL_MASK_ATTENTION_FUNCTIONS,
@@ -243,6 +249,92 @@ class YocoGlobalKVLayer(DynamicLayer):
         return tensor_bytes(self._key_buffer, self._value_buffer) if self._key_buffer is not None else 0
 
 
+def advance_retention_state(
+    state: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
+) -> torch.Tensor:
+    """The retention state after `k`, `v`, `g` (`[B, T, H, K]`, `[B, T, H, V]`, `[B, T, H]`) from `state`
+    (`[B, H, K, V]`, None = zeros), in fp32: `S_T = exp(G_T) S_0 + sum_s exp(G_T - G_s) k_s^T v_s`."""
+    k, v, g = k.float().transpose(1, 2), v.float().transpose(1, 2), g.float().transpose(1, 2)  # [B, H, T, .]
+    g_cum = g.cumsum(-1)  # [B, H, T]
+    g_last = g_cum[..., -1:]  # [B, H, 1]
+    advanced = (k * (g_last - g_cum).exp()[..., None]).transpose(-1, -2) @ v  # [B, H, K, V]
+    if state is not None:
+        advanced = advanced + g_last[..., None].exp() * state.float()
+    return advanced
+
+
+class YocoRetentionLayer(LinearAttentionLayer):
+    """Cache layer of one gated-retention self-decoder layer: the recurrent state `[B, H, K, V]` (fp32), and, once
+    `activate_past_recording()` was called (assisted / prompt-lookup decoding), what `crop` needs to roll it back.
+
+    While recording it keeps the inputs (k, v, log-decay) of the last `rollback_tokens` tokens and the state before
+    them (one state plus `rollback_tokens` tokens of inputs, however long the run: bounded memory). `crop(-n)`
+    replays the kept inputs but the last `n` from that earlier state, which gives the state a prefill of the kept tokens
+    reaches (the same sums, in another order).
+    """
+
+    rollback_tokens = 256
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.rollback: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def is_croppable(self) -> bool:
+        return self.record_past
+
+    def record_update(
+        self, state_before: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
+    ) -> None:
+        """Remember the inputs of an update (called by the layer with the state it started from), if recording."""
+        if not self.record_past:
+            return
+        k, v, g = k.detach(), v.detach(), g.detach()
+        if self.rollback is not None:
+            start, old_k, old_v, old_g = self.rollback
+            k, v, g = torch.cat([old_k, k], 1), torch.cat([old_v, v], 1), torch.cat([old_g, g], 1)
+        else:
+            start = None if state_before is None else state_before.detach()
+        overflow = k.shape[1] - self.rollback_tokens
+        if overflow > 0:  # slide the window: the oldest tokens' contribution moves into its start state
+            start = advance_retention_state(start, k[:, :overflow], v[:, :overflow], g[:, :overflow])
+            k, v, g = k[:, overflow:], v[:, overflow:], g[:, overflow:]
+        self.rollback = (start, k, v, g)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"`crop` takes a negative number of tokens to remove (or 0), got {tokens_to_remove}.")
+        remove = -tokens_to_remove
+        if remove == 0:
+            return
+        kept = 0 if self.rollback is None else self.rollback[1].shape[1]
+        if not self.record_past or remove > kept:
+            raise ValueError(
+                f"cannot roll the gated-retention state back by {remove} token(s): "
+                + ("call `cache.activate_past_recording()` before the tokens to undo are fed" if not self.record_past
+                   else f"only the last {kept} token(s) are recorded (`YocoRetentionLayer.rollback_tokens`)")
+            )  # fmt: skip
+        start, k, v, g = self.rollback
+        keep = kept - remove
+        state = advance_retention_state(start, k[:, :keep], v[:, :keep], g[:, :keep]) if keep else start
+        if state is None:
+            state = torch.zeros_like(self.recurrent_states[0])
+        self.recurrent_states[0] = state.to(self.recurrent_states[0].dtype)
+        self.rollback = None if keep == 0 and start is None else (start, k[:, :keep], v[:, :keep], g[:, :keep])
+
+    def rollback_bytes(self) -> int:
+        return 0 if self.rollback is None else tensor_bytes(*self.rollback)
+
+    def _map_rollback(self, fn) -> None:
+        """Apply a batch operation (`YocoCache` reorder / repeat / select) to the recorded tensors too."""
+        if self.rollback is not None:
+            self.rollback = tuple(None if t is None else fn(t) for t in self.rollback)
+
+    def reset(self) -> None:
+        super().reset()
+        self.rollback = None
+
+
 class YocoCache(DynamicCache):
     """Cache of a YOCO model: one constant-size state per self-decoder layer plus **one** global K/V.
 
@@ -263,6 +355,9 @@ class YocoCache(DynamicCache):
         self.num_self_decoder_layers = config.num_hidden_layers // 2
         self.global_kv_layer_idx = self.num_self_decoder_layers
         self.layers[self.global_kv_layer_idx] = YocoGlobalKVLayer()
+        if self.self_decoder_type == "gated_retention":
+            for i in range(self.num_self_decoder_layers):
+                self.layers[i] = YocoRetentionLayer()
 
     @property
     def global_key_values(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -271,7 +366,8 @@ class YocoCache(DynamicCache):
         return layer.keys, layer.values
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes held by the cache tensors: `self_decoder` (windows / recurrent states), `global_kv`, `total`; and
+        """Bytes held by the cache tensors: `self_decoder` (windows / recurrent states), `global_kv`, `rollback`,
+        `total`; and
         `global_kv_reserved`, the global K/V buffer actually allocated (spare positions for in-place appends)."""
         self_decoder = 0
         for layer in self.layers[: self.num_self_decoder_layers]:
@@ -282,21 +378,14 @@ class YocoCache(DynamicCache):
         global_kv = tensor_bytes(*self.global_key_values)
         layer = self.layers[self.global_kv_layer_idx]
         reserved = layer.reserved_bytes() if isinstance(layer, YocoGlobalKVLayer) else global_kv
+        rollback = sum(layer.rollback_bytes() for layer in self.layers if isinstance(layer, YocoRetentionLayer))
         return {
             "self_decoder": self_decoder,
             "global_kv": global_kv,
-            "total": self_decoder + global_kv,
+            "rollback": rollback,  # what `crop` needs while recording (assisted decoding), else 0
+            "total": self_decoder + global_kv + rollback,
             "global_kv_reserved": max(reserved, global_kv),  # allocated, incl. up to `growth` spare positions
         }
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if self.self_decoder_type == "gated_retention":
-            raise ValueError(
-                "YocoCache.crop is not supported with self_decoder_type='gated_retention': the recurrent retention "
-                "state cannot be rolled back. Re-run the kept prefix instead. (Assisted/prompt-lookup decoding is "
-                "refused for this variant; use self_decoder_type='sliding_window' for it.)"
-            )
-        super().crop(tokens_to_remove)
 
     def _map_recurrent_states(self, fn) -> None:
         for layer in self.layers:
@@ -304,6 +393,8 @@ class YocoCache(DynamicCache):
                 for i, initialized in layer.is_recurrent_states_initialized.items():
                     if initialized:
                         layer.recurrent_states[i] = fn(layer.recurrent_states[i])
+            if isinstance(layer, YocoRetentionLayer):
+                layer._map_rollback(fn)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_recurrent_states(lambda s: s.index_select(0, beam_idx.to(s.device)))
@@ -464,8 +555,11 @@ class YocoGatedRetention(nn.Module):
             query, key, value, log_decay = (
                 x.reshape(1, batch * length, *x.shape[2:]) for x in (query, key, value, log_decay)
             )
+        state_before = state
         out, state = self._retention(query, key, value, log_decay, state, want_state, cu_seqlens)
         if want_state:
+            if isinstance(cache.layers[self.layer_idx], YocoRetentionLayer):  # assisted decoding may roll it back
+                cache.layers[self.layer_idx].record_update(state_before, key, value, log_decay)
             _set_recurrent_state(cache, self.layer_idx, state)
         out = out.view(batch, length, self.num_heads, -1)
 
@@ -630,11 +724,6 @@ class YocoPreTrainedModel(HfYocoModelMixin, PreTrainedModel):
             OutputRecorder(YocoCrossAttention, index=1),
         ],
     }
-
-    @property
-    def _is_stateful(self) -> bool:
-        # The gated-retention state cannot be rolled back, so generate() refuses assisted decoding for it.
-        return self.config.self_decoder_type == "gated_retention"
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
