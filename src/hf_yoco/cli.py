@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("hf_yoco.convert", "convert official YOCO / Block Transformer or Llama checkpoints to hf_yoco models"),
     "data": ("hf_yoco.data", "build the offline training corpus, tokenizer and packed blocks"),
     "train": ("hf_yoco.training", "train or fine-tune (full or LoRA) a model with the stock Trainer"),
+    "compare": ("hf_yoco.quality", "train Llama, YOCO and the Block Transformer on equal budgets and compare them"),
 }
 EXIT_USAGE = 2
 # What a user can get wrong: invalid values (ValueError and its subclasses, hf_yoco's CheckpointError among them) and

@@ -181,6 +181,41 @@ def build_austen_corpus(novels: str | list[str] = "all", data_dir: str | os.Path
     return _write_corpus(out, texts)
 
 
+def build_kjv_corpus(data_dir: str | os.PathLike | None = None) -> Path:
+    """The King James Bible as plain text (one paragraph per chapter) in `data/corpora/kjv.txt`; cached.
+
+    From Debian's `bible-kjv` and `bible-kjv-text` packages (`apt-get download` + `dpkg-deb -x`, no install): their
+    `bible` program decodes the compressed text. Needs Debian's package lists (`apt-get update` once).
+    """
+    data_dir = Path(data_dir or default_data_dir())
+    out = data_dir / "corpora" / "kjv.txt"
+    if out.exists():
+        return out
+    deb_dir = data_dir / "_deb"
+    deb_dir.mkdir(parents=True, exist_ok=True)
+    for package in ("bible-kjv", "bible-kjv-text"):
+        if not list(deb_dir.glob(f"{package}_*.deb")):
+            try:
+                subprocess.run(["apt-get", "download", "-q", package], cwd=deb_dir, check=True)
+            except (OSError, subprocess.CalledProcessError) as error:
+                raise RuntimeError(
+                    f"`apt-get download {package}` failed: the KJV corpus needs Debian's package lists "
+                    "(run `apt-get update` once)."
+                ) from error
+    extract = deb_dir / "kjv"
+    if not (extract / "usr/bin/bible").exists():
+        for deb in sorted(deb_dir.glob("bible-kjv*.deb")):
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(extract)], check=True)
+    text = subprocess.run(
+        [str(extract / "usr/bin/bible"), "-p", str(extract / "usr/lib"), "-l100000", "gen1:1-rev22:21"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    chapters = re.split(r"\n\s*\n(?=\S[^\n]* \d+\n)", text.strip())  # "Genesis 1" headers open the chapters
+    paragraphs = [" ".join(re.sub(r"^\s*\d+ ", "", line) for line in chapter.splitlines()[1:] if line.strip())
+                  for chapter in chapters]  # fmt: skip
+    return _write_corpus(out, [p for p in paragraphs if p])
+
+
 # -------------------------------------------------------------------------------------------------- tokenizers
 
 
