@@ -340,6 +340,37 @@ def test_cache_memory_global_kv_grows_self_decoder_state_constant(self_decoder_t
 
 
 @torch.no_grad()
+def test_memory_bytes_reports_what_the_cache_really_holds(self_decoder_type):
+    """`held` equals the bytes of the distinct storages reachable from the cache (walked here independently), and a
+    chunked prefill leaves no chunk-sized storage behind the sliding windows (compacted to W - 1 rows)."""
+    model = tiny_model(self_decoder_type, self_decoder_chunk_size=7)
+    cache = output_cache(model(torch.randint(1, 64, (2, 40))))
+    check_held(cache, self_decoder_type)  # right after the chunked prefill
+    for _ in range(3):
+        cache = output_cache(model(torch.randint(1, 64, (2, 1)), cache=cache))
+    check_held(cache, self_decoder_type)
+
+
+def check_held(cache, self_decoder_type: str) -> None:
+    storages = {}
+    for layer in cache.layers:
+        tensors = [getattr(layer, name, None) for name in ("keys", "values", "_key_buffer", "_value_buffer")]
+        tensors += list(getattr(layer, "recurrent_states", {}).values()) + list(
+            getattr(layer, "conv_states", {}).values()
+        )
+        tensors += [getattr(layer, "_sliding_window_tensor", None)]
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor):
+                storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    report = cache.memory_bytes()
+    assert report["held"] == sum(storages.values())
+    window_storage = report["held"] - report["global_kv_reserved"]
+    # at most one spare row per window (a decode step), plus the windows' length scalars
+    one_row = 2 * cache.layers[0].keys[0, :, 0].numel() * 4 if self_decoder_type == "sliding_window" else 0
+    assert report["self_decoder"] <= window_storage <= report["self_decoder"] + 2 * (one_row + 8) * 2
+
+
+@torch.no_grad()
 def test_cache_batch_methods(self_decoder_type):
     model = tiny_model(self_decoder_type)
     input_ids = torch.randint(1, 64, (2, 9))

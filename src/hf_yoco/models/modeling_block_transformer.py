@@ -62,12 +62,14 @@ from .modeling_common import (
     apply_rotary_pos_emb,
     attention_forward,
     cache_kwarg,
+    cache_tensors,
     causal_lm_head_and_loss,
     check_labels,
     check_model_inputs,
     find_packed_sequences,
     output_cache,
     pick_cache,
+    storage_bytes,
     tensor_bytes,
 )
 
@@ -280,8 +282,9 @@ class BlockTransformerCache(Cache):
         return self._seen_tokens + query_length, 0
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes held: `block_decoder_kv`, `token_decoder_kv` (local), `pending_tokens`, `bookkeeping` (token counts,
-        and the token history while recording), `total`."""
+        """Logical bytes: `block_decoder_kv`, `token_decoder_kv` (local), `pending_tokens`, `bookkeeping` (token
+        counts, and the token history while recording), `total`; and `held`, the bytes of every storage the cache
+        keeps alive (spare block slots and views included)."""
         block_kv = sum(tensor_bytes(layer.keys, layer.values) for layer in self.block_layers)
         local_kv = sum(tensor_bytes(layer.keys, layer.values) for layer in self.local_layers)
         pending = tensor_bytes(self.pending_tokens)
@@ -292,6 +295,7 @@ class BlockTransformerCache(Cache):
             "pending_tokens": pending,
             "bookkeeping": bookkeeping,
             "total": block_kv + local_kv + pending + bookkeeping,
+            "held": storage_bytes(*cache_tensors(self)),
         }
 
     def _map_batch(self, fn) -> None:

@@ -154,8 +154,36 @@ def check_labels(labels: torch.Tensor | None, inputs: torch.Tensor | None) -> No
 
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
-    """Bytes held by the given tensors (None and non-tensors count 0); used by the caches' `memory_bytes()`."""
+    """Logical bytes of the given tensors (None and non-tensors count 0); used by the caches' `memory_bytes()`."""
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def storage_bytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes of the distinct storages behind the given tensors: what they keep allocated (a view of a larger tensor
+    keeps all of it; tensors sharing a storage count it once)."""
+    storages = {}
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+            storage = tensor.untyped_storage()
+            storages[(tensor.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
+
+
+def cache_tensors(obj, seen: set | None = None) -> list[torch.Tensor]:
+    """Every tensor reachable from a cache object's attributes (layers, dicts, lists, tuples included)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for value in obj.values() for t in cache_tensors(value, seen)]
+    if isinstance(obj, (list, tuple)):
+        return [t for value in obj for t in cache_tensors(value, seen)]
+    if hasattr(obj, "__dict__") and not isinstance(obj, (type, nn.Module)):
+        return cache_tensors(vars(obj), seen)
+    return []
 
 
 class RMSNorm(nn.Module):

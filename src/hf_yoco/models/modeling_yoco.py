@@ -25,6 +25,7 @@ from transformers.cache_utils import (
     Cache,
     DynamicCache,
     DynamicLayer,
+    DynamicSlidingWindowLayer,
     LinearAttentionCacheLayerMixin,
     LinearAttentionLayer,
 )
@@ -54,6 +55,7 @@ from .modeling_common import (
     apply_rotary_pos_emb,
     attention_forward,
     cache_kwarg,
+    cache_tensors,
     causal_lm_head_and_loss,
     check_labels,
     check_model_inputs,
@@ -61,6 +63,7 @@ from .modeling_common import (
     kernel_op,
     output_cache,
     pick_cache,
+    storage_bytes,
     tensor_bytes,
 )
 
@@ -335,6 +338,18 @@ class YocoRetentionLayer(LinearAttentionLayer):
         self.rollback = None
 
 
+class YocoSlidingWindowLayer(DynamicSlidingWindowLayer):
+    """transformers' sliding-window layer, compacted after a multi-token update (a prefill chunk): the W - 1 keys it
+    keeps are then a view of the whole chunk's K/V, so the chunk (W - 1 + C rows) would stay allocated; a copy frees
+    it. Decode steps keep transformers' behaviour (one spare row)."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        out = super().update(key_states, value_states, *args, **kwargs)
+        if not self.record_past and key_states.shape[-2] > 1:
+            self.keys, self.values = self.keys.clone(), self.values.clone()
+        return out
+
+
 class YocoCache(DynamicCache):
     """Cache of a YOCO model: one constant-size state per self-decoder layer plus **one** global K/V.
 
@@ -355,9 +370,11 @@ class YocoCache(DynamicCache):
         self.num_self_decoder_layers = config.num_hidden_layers // 2
         self.global_kv_layer_idx = self.num_self_decoder_layers
         self.layers[self.global_kv_layer_idx] = YocoGlobalKVLayer()
-        if self.self_decoder_type == "gated_retention":
-            for i in range(self.num_self_decoder_layers):
+        for i in range(self.num_self_decoder_layers):
+            if self.self_decoder_type == "gated_retention":
                 self.layers[i] = YocoRetentionLayer()
+            else:
+                self.layers[i] = YocoSlidingWindowLayer(sliding_window=config.sliding_window)
 
     @property
     def global_key_values(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -366,9 +383,10 @@ class YocoCache(DynamicCache):
         return layer.keys, layer.values
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes held by the cache tensors: `self_decoder` (windows / recurrent states), `global_kv`, `rollback`,
-        `total`; and
-        `global_kv_reserved`, the global K/V buffer actually allocated (spare positions for in-place appends)."""
+        """Logical bytes of the cache tensors: `self_decoder` (windows / recurrent states), `global_kv`, `rollback`
+        (only while recording for assisted decoding), `total`; `global_kv_reserved`, the global K/V buffer actually
+        allocated (spare positions for in-place appends); and `held`, the bytes of every storage the cache keeps
+        alive (views of larger tensors, spare capacity and bookkeeping included): what the cache really costs."""
         self_decoder = 0
         for layer in self.layers[: self.num_self_decoder_layers]:
             if isinstance(layer, LinearAttentionCacheLayerMixin):
@@ -385,6 +403,7 @@ class YocoCache(DynamicCache):
             "rollback": rollback,  # what `crop` needs while recording (assisted decoding), else 0
             "total": self_decoder + global_kv + rollback,
             "global_kv_reserved": max(reserved, global_kv),  # allocated, incl. up to `growth` spare positions
+            "held": storage_bytes(*cache_tensors(self)),
         }
 
     def _map_recurrent_states(self, fn) -> None:
