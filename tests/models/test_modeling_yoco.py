@@ -515,6 +515,15 @@ def test_save_and_auto_reload_identical(tmp_path, self_decoder_type):
     assert type(AutoModel.from_pretrained(tmp_path)) is YocoModel
 
 
+def test_class_from_pretrained_takes_loading_arguments(tmp_path, self_decoder_type):
+    """`YocoForCausalLM.from_pretrained(path, dtype=...)` (what `transformers serve --dtype auto` calls): loading
+    arguments are not config overrides."""
+    tiny_model(self_decoder_type).save_pretrained(tmp_path)
+    assert YocoForCausalLM.from_pretrained(tmp_path, dtype="auto").dtype == torch.float32
+    model = YocoForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, attn_implementation="eager")
+    assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "eager"
+
+
 def test_meta_device_init_equals_normal_init(self_decoder_type):
     config = tiny_config(self_decoder_type)
     model = YocoForCausalLM.from_pretrained(None, config=copy.deepcopy(config), state_dict={})

@@ -522,6 +522,10 @@ def _read_config_json(folder: str | os.PathLike) -> dict:
     return read_config(Path(folder))
 
 
+# `from_pretrained` arguments that are about loading (not config overrides), though configs have a field of the name.
+_LOADING_KWARGS = {"dtype", "torch_dtype", "attn_implementation", "device_map"}
+
+
 class HfYocoModelMixin:
     """Behaviour shared by the hf_yoco `PreTrainedModel`s (put it first in the bases).
 
@@ -558,7 +562,7 @@ class HfYocoModelMixin:
 
             config = kwargs.get("config")
             if config is None or isinstance(config, (str, os.PathLike)):
-                fields = cls.config_class().to_dict()
+                fields = cls.config_class().to_dict().keys() - _LOADING_KWARGS
                 overrides = {key: value for key, value in kwargs.items() if key in fields}
                 config = cls.config_class.from_dict({**_read_config_json(path), **overrides})
             model_class = None if kwargs.get("ignore_mismatched_sizes") else cls
