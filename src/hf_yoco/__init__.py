@@ -23,9 +23,10 @@ from .models.modeling_block_transformer import (
     BlockTransformerForCausalLM,
     BlockTransformerModel,
     BlockTransformerPreTrainedModel,
+    BlockTransformerStaticCache,
 )
 from .models.modeling_common import CACHE_NAME, cache_kwarg, output_cache
-from .models.modeling_yoco import YocoCache, YocoForCausalLM, YocoModel, YocoPreTrainedModel
+from .models.modeling_yoco import YocoCache, YocoForCausalLM, YocoModel, YocoPreTrainedModel, YocoStaticCache
 
 __version__ = "0.1.0"
 
@@ -47,11 +48,13 @@ register_liger()  # `use_liger_kernel=True` / AutoLigerKernelForCausalLM for bot
 __all__ = [
     "CACHE_NAME",
     "BlockTransformerCache",
+    "BlockTransformerStaticCache",
     "BlockTransformerConfig",
     "BlockTransformerForCausalLM",
     "BlockTransformerModel",
     "BlockTransformerPreTrainedModel",
     "YocoCache",
+    "YocoStaticCache",
     "YocoConfig",
     "YocoForCausalLM",
     "YocoModel",

@@ -223,6 +223,18 @@ class BlockTransformerCache(Cache):
         """Keep what `crop` needs to go back across block boundaries (called by generate's assisted decoding)."""
         self.record_past = True
 
+    def start(self, pending_tokens: torch.Tensor, num_tokens: torch.Tensor, length: int) -> None:
+        """After a prefill of `length` input columns: the pending ids `[B, L-1]` and real tokens `[B]` per row."""
+        self.pending_tokens, self.num_tokens, self._seen_tokens = pending_tokens, num_tokens, length
+
+    def advance(self, new_ids: torch.Tensor) -> None:
+        """After a decode step that fed `new_ids` `[B]`: pending ids of unfinished blocks, token counts."""
+        keep = self.num_pending != self.block_length - 1
+        if self.block_length > 1:
+            self.pending_tokens[keep, self.num_pending[keep]] = new_ids[keep]
+        self.num_tokens = self.num_tokens + 1
+        self._seen_tokens += 1
+
     @property
     def is_croppable(self) -> bool:
         return self.record_past
@@ -358,6 +370,132 @@ class BlockTransformerCache(Cache):
             restored = self.history.gather(1, columns.clamp(max=self.history.shape[1] - 1))
             self.pending_tokens = torch.where(crosses[:, None], restored, self.pending_tokens)
             self.stale = crosses if self.stale is None else self.stale | crosses
+
+
+class BlockTransformerStaticBlockLayer(BlockTransformerBlockCacheLayer):
+    """Preallocated block-decoder K/V `[B, H_kv, capacity, head_dim]` for `torch.compile`: prefill copies its blocks in,
+    a decode step writes one block per row at `positions` in place and returns the whole buffer (the caller masks
+    positions past each row's own)."""
+
+    is_compileable = True
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def _allocate(self, key_states: torch.Tensor, value_states: torch.Tensor, batch_size: int) -> None:
+        super().lazy_initialization(key_states, value_states)
+        shape = (batch_size, key_states.shape[1], self.capacity, key_states.shape[-1])
+        self.keys, self.values = key_states.new_zeros(shape), value_states.new_zeros(shape)
+        if not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(self.keys)
+            torch._dynamo.mark_static_address(self.values)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions is None:  # prefill: blocks 0 .. n-1 of every row
+            if self.keys is None:
+                self._allocate(key_states, value_states, key_states.shape[0])
+            count = key_states.shape[-2]
+            if count > self.capacity:
+                raise ValueError(f"the static cache holds {self.capacity} blocks; the prompt has {count}")
+            self.keys[:, :, :count] = key_states
+            self.values[:, :, :count] = value_states
+            return key_states, value_states
+        rows = torch.arange(key_states.shape[0], device=key_states.device)
+        self.keys[rows, :, positions] = key_states[:, :, 0]  # [B, H_kv, head_dim] at each row's position
+        self.values[rows, :, positions] = value_states[:, :, 0]
+        return self.keys, self.values
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+
+class BlockTransformerStaticLocalLayer(BlockTransformerStaticBlockLayer):
+    """Preallocated token-decoder K/V `[B, H_kv, S + 1, head_dim]`: slot `j < S` holds local position `j`, slot `S`
+    takes the writes a step discards (so every step writes the same number of slots, without branching)."""
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions is None:
+            return super().update(key_states, value_states)
+        scratch = self.capacity - 1
+        target = torch.where(kwargs["write_mask"], positions, scratch)  # [B, q]
+        rows = torch.arange(key_states.shape[0], device=key_states.device)[:, None].expand_as(target)
+        # keys[rows, :, target] is [B, q, H_kv, head_dim]; key_states is [B, H_kv, q, head_dim]
+        self.keys[rows, :, target] = key_states.transpose(1, 2)
+        self.values[rows, :, target] = value_states.transpose(1, 2)
+        return self.keys, self.values
+
+
+class BlockTransformerStaticCache(BlockTransformerCache):
+    """Fixed-shape generation state for `torch.compile` / CUDA graphs (`generate(..., cache_implementation="static")`
+    builds it): block-decoder K/V preallocated for `max_cache_len // block_length + 1` blocks, the token decoder's
+    local K/V in `S + 1` slots, and the counters and pending ids as tensors updated in place. Its decode step
+    (`BlockTransformerModel._decode_step_static`) has no data-dependent control flow: the block decoder runs for
+    every row each step (a row whose block is not complete writes a block slot it will overwrite once it is) and
+    the token decoder always runs `num_prefix_tokens` query slots. That costs more FLOPs than the dynamic cache's step,
+    which runs the block decoder only on completed blocks: use it where launch overhead dominates (small batches on
+    a GPU). Not croppable: assisted decoding uses the dynamic cache."""
+
+    is_compileable = True
+
+    def __init__(self, config: BlockTransformerConfig, max_cache_len: int) -> None:
+        super().__init__(config)
+        self.max_cache_len = max_cache_len
+        block_capacity = max_cache_len // config.block_length + 1  # + the slot of the block being formed
+        self.layers = [
+            BlockTransformerStaticBlockLayer(block_capacity) for _ in range(config.num_block_decoder_layers)
+        ]
+        self.layers += [
+            BlockTransformerStaticLocalLayer(config.token_decoder_length + 1)
+            for _ in range(config.num_token_decoder_layers)
+        ]
+        self.seen: torch.Tensor | None = None
+
+    def start(self, pending_tokens: torch.Tensor, num_tokens: torch.Tensor, length: int) -> None:
+        # One scratch column: a completing row writes its last token there instead of branching.
+        pending = nn.functional.pad(pending_tokens, (0, 1))
+        if self.num_tokens is None or self.num_tokens.shape != num_tokens.shape:
+            self.pending_tokens, self.num_tokens = pending, num_tokens.clone()
+            self.seen = torch.tensor(length, device=num_tokens.device)
+            if not torch.compiler.is_compiling():
+                for tensor in (self.pending_tokens, self.num_tokens, self.seen):
+                    torch._dynamo.mark_static_address(tensor)
+        else:
+            self.pending_tokens.copy_(pending)
+            self.num_tokens.copy_(num_tokens)
+            self.seen.fill_(length)
+
+    def advance(self, new_ids: torch.Tensor) -> None:
+        rows = torch.arange(new_ids.shape[0], device=new_ids.device)
+        self.pending_tokens[rows, self.num_pending] = new_ids  # a completing row writes the scratch column
+        self.num_tokens.add_(1)
+        self.seen.add_(1)
+
+    def get_seq_length(self, layer_idx: int = 0) -> torch.Tensor | int:
+        return 0 if self.seen is None else self.seen
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.max_cache_len, 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return self.max_cache_len
+
+    def activate_past_recording(self) -> None:
+        raise ValueError("the static Block Transformer cache cannot roll back; assisted decoding uses the dynamic one")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError(
+            "the static Block Transformer cache cannot be cropped; use the dynamic BlockTransformerCache for "
+            "assisted or prompt-lookup decoding"
+        )
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -533,7 +671,7 @@ class BlockTransformerPreTrainedModel(HfYocoModelMixin, PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = False  # masks are explicit (ragged caches, local windows)
     _supports_flex_attn = False
-    _can_compile_fullgraph = False
+    _can_compile_fullgraph = True  # with BlockTransformerStaticCache (generate's cache_implementation="static")
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -706,9 +844,7 @@ class BlockTransformerModel(BlockTransformerPreTrainedModel):
             )  # [B, S, D]
             last_state = local_states[rows, k - 1 + num_pending][:, None]  # [B, 1, D]
             if cache is not None:
-                cache.pending_tokens = pending_ids
-                cache.num_tokens = num_tokens
-                cache._seen_tokens = length
+                cache.start(pending_ids, num_tokens, length)
                 cache.record_tokens(aligned_ids, torch.zeros_like(num_tokens))  # real tokens first in each row
             if last_only:
                 return last_state
@@ -742,7 +878,8 @@ class BlockTransformerModel(BlockTransformerPreTrainedModel):
             )
         if cache.stale is not None and bool(cache.stale.any()):
             self._rebuild_local_state(cache)
-        states = [self._decode_step(input_ids[:, i], cache) for i in range(input_ids.shape[1])]
+        step = self._decode_step_static if isinstance(cache, BlockTransformerStaticCache) else self._decode_step
+        states = [step(input_ids[:, i], cache) for i in range(input_ids.shape[1])]
         return torch.stack(states, dim=1)
 
     def _rebuild_local_state(self, cache: BlockTransformerCache) -> None:
@@ -833,11 +970,50 @@ class BlockTransformerModel(BlockTransformerPreTrainedModel):
 
         # 3. Bookkeeping: pending ids of unfinished blocks, token counts (and the history while recording)
         cache.record_tokens(new_ids[:, None], cache.num_tokens)
-        if L > 1:
-            keep = ~completes
-            cache.pending_tokens[keep, num_pending[keep]] = new_ids[keep]
-        cache.num_tokens = cache.num_tokens + 1
-        cache._seen_tokens += 1
+        cache.advance(new_ids)
+        return local_states[:, -1]
+
+    def _decode_step_static(self, new_ids: torch.Tensor, cache: BlockTransformerStaticCache) -> torch.Tensor:
+        """`_decode_step` without data-dependent control flow or shapes (for `torch.compile` with a static cache):
+        every row runs the block decoder on `[pending tokens, new token]` at its next block slot (kept only where the
+        block is complete), and the token decoder on `k` query slots: the fresh prefix for completing rows, the new
+        token in the last slot (the others are fillers written to the scratch slot) for the rest."""
+        config = self.config
+        L, k, S = config.block_length, config.num_prefix_tokens, config.token_decoder_length
+        device, dtype = new_ids.device, self.start_context.dtype
+        num_pending, num_blocks = cache.num_pending, cache.num_blocks  # [B], before this token
+        completes = num_pending == L - 1  # [B]
+
+        # 1. Block decoder on every row's would-be block; its K/V land in the slot of the block being formed
+        block_ids = torch.cat([cache.pending_tokens[:, : L - 1], new_ids[:, None]], dim=1)  # [B, L]
+        capacity = cache.block_layers[0].capacity
+        allowed = torch.arange(capacity, device=device)[None] <= num_blocks[:, None]  # [B, capacity]
+        block_states = self.block_decoder(
+            self.embedder(block_ids[:, None]),  # [B, 1, D]
+            num_blocks[:, None],
+            _additive_mask(allowed, dtype)[:, None, None],  # [B, 1, 1, capacity]
+            cache=cache,
+            cache_kwargs={"positions": num_blocks},
+        )  # [B, 1, D]
+        prefix = self.token_decoder.expand_context(block_states[:, 0])  # [B, k, D]
+
+        # 2. Token decoder on k query slots per row
+        slot_ids = torch.arange(k, device=device)[None]  # [1, k]
+        last = slot_ids == k - 1
+        tokens = self.token_decoder.embed_tokens(new_ids)[:, None].expand(-1, k, -1)  # [B, k, D]
+        inputs = torch.where(completes[:, None, None], prefix.to(tokens.dtype), tokens)
+        local_positions = torch.where(completes[:, None], slot_ids, torch.where(last, (k + num_pending)[:, None], 0))
+        write_mask = completes[:, None] | last  # [B, k]
+        keys = torch.arange(S + 1, device=device)  # the last slot is scratch, never attended
+        allowed = (keys[None, None] <= local_positions[..., None]) & (keys < S)  # [B, k, S + 1]
+        local_states = self.token_decoder(
+            inputs,
+            local_positions,
+            _additive_mask(allowed, dtype)[:, None],  # [B, 1, k, S + 1]
+            cache=cache,
+            cache_kwargs={"positions": local_positions, "write_mask": write_mask},
+        )  # [B, k, D]
+        cache.advance(new_ids)
         return local_states[:, -1]
 
 
@@ -874,15 +1050,33 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
             return
         if generation_config.use_cache is False:
             return
-        if generation_config.cache_implementation not in (None, "dynamic"):
+        implementation = generation_config.cache_implementation
+        if implementation not in (None, "dynamic", "static"):
             raise ValueError(
-                "BlockTransformerForCausalLM only supports its own dynamic BlockTransformerCache; got "
-                f"`cache_implementation={generation_config.cache_implementation!r}`."
+                "BlockTransformerForCausalLM supports `cache_implementation` None / 'dynamic' (BlockTransformerCache) "
+                f"and 'static' (BlockTransformerStaticCache, for torch.compile); got {implementation!r}."
             )
+        if implementation == "static":
+            if generation_config.max_cache_len is not None:
+                max_cache_length = max(max_cache_length, generation_config.max_cache_len)
+            model_kwargs[CACHE_NAME] = BlockTransformerStaticCache(self.config, max_cache_len=max_cache_length)
+            return
         cache = BlockTransformerCache(self.config)
         if generation_config.is_assistant:  # a draft model's cache is cropped after each verification
             cache.activate_past_recording()
         model_kwargs[CACHE_NAME] = cache
+
+    def create_masks_for_generate(
+        self,
+        attention_mask: torch.Tensor | None = None,
+        cache: BlockTransformerCache | None = None,
+        past_key_values: BlockTransformerCache | None = None,
+        **kwargs,
+    ) -> torch.Tensor | None:
+        """The 2D padding mask for the prefill; None afterwards (a filled cache holds each row's state and decode
+        never reads the mask), so compiled decode steps see no growing input."""
+        cache = pick_cache(cache, past_key_values)
+        return None if cache is not None and cache.is_initialized else attention_mask
 
     @can_return_tuple
     def forward(
@@ -920,6 +1114,7 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
 
 __all__ = [
     "BlockTransformerCache",
+    "BlockTransformerStaticCache",
     "BlockTransformerForCausalLM",
     "BlockTransformerModel",
     "BlockTransformerPreTrainedModel",

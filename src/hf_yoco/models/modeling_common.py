@@ -90,12 +90,15 @@ def check_model_inputs(
     inputs_embeds: torch.Tensor | None,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
-    past_length: int = 0,
+    past_length: int | torch.Tensor = 0,
+    static_length: int | None = None,
 ) -> None:
     """A clear `ValueError` for malformed model inputs, naming the argument and what it must be.
 
     Checks shapes and dtypes always; the values (ids within the vocabulary, a real token in every row of the padding
     mask) cost a host sync, so on a GPU they are checked at prefill only (decode steps feed the model's own tokens).
+    With a static cache (`static_length`, its capacity; `past_length` may then be a tensor) a 2D mask may also span
+    the whole capacity, as `generate` passes it to keep compiled shapes fixed.
     """
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
@@ -117,7 +120,10 @@ def check_model_inputs(
     if length == 0:
         raise ValueError("empty input: the sequence has no tokens (seq_len 0); pass at least one token")
     reference = input_ids if input_ids is not None else inputs_embeds
-    check_values = not torch.compiler.is_compiling() and (reference.device.type == "cpu" or past_length == 0)
+    compiling = torch.compiler.is_compiling()
+    if isinstance(past_length, torch.Tensor) and not compiling:
+        past_length = int(past_length)
+    check_values = not compiling and (reference.device.type == "cpu" or past_length == 0)
     if input_ids is not None and check_values:
         low, high = (int(v) for v in torch.aminmax(input_ids))
         if low < 0 or high >= config.vocab_size:
@@ -127,10 +133,15 @@ def check_model_inputs(
             )
     if attention_mask is not None:
         if attention_mask.ndim == 2:
-            expected = [batch, past_length + length]
-            if list(attention_mask.shape) != expected:
+            # (compiled with a tensor `past_length`: only what the shape alone tells)
+            widths = [past_length + length] if isinstance(past_length, int) else [attention_mask.shape[1]]
+            widths += [static_length] if static_length is not None else []
+            if attention_mask.shape[0] != batch or attention_mask.shape[1] not in widths:
+                expected = " or ".join(f"[{batch}, {w}]" for w in widths)
                 raise ValueError(
-                    f"`attention_mask` must be [batch, cached + new tokens] = {expected}, got {list(attention_mask.shape)}"
+                    "`attention_mask` must be [batch, cached + new tokens]"
+                    + (" or [batch, static cache length]" if static_length is not None else "")
+                    + f" = {expected}, got {list(attention_mask.shape)}"
                 )
             if check_values and past_length == 0:
                 empty = (attention_mask == 0).all(-1).nonzero().flatten().tolist()
@@ -410,6 +421,8 @@ def kernel_op(config, tensor: torch.Tensor, name: str) -> Callable | None:
     backend = getattr(config, "kernel_backend", "auto")
     if backend == "torch" or (backend == "auto" and not tensor.is_cuda):
         return None  # decided without importing hf_yoco (remote code on CPU never touches it)
+    if torch.compiler.is_compiling():
+        return None  # compiled code (static-cache decode) runs the PyTorch forms, which inductor fuses
     try:  # optional Triton kernels; as Hub remote code without hf_yoco installed, everything stays on PyTorch
         from hf_yoco.kernels import ops
     except ImportError:

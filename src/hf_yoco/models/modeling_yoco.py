@@ -28,6 +28,8 @@ from transformers.cache_utils import (
     DynamicSlidingWindowLayer,
     LinearAttentionCacheLayerMixin,
     LinearAttentionLayer,
+    StaticCache,
+    StaticLayer,
 )
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import (
@@ -387,24 +389,7 @@ class YocoCache(DynamicCache):
         (only while recording for assisted decoding), `total`; `global_kv_reserved`, the global K/V buffer actually
         allocated (spare positions for in-place appends); and `held`, the bytes of every storage the cache keeps
         alive (views of larger tensors, spare capacity and bookkeeping included): what the cache really costs."""
-        self_decoder = 0
-        for layer in self.layers[: self.num_self_decoder_layers]:
-            if isinstance(layer, LinearAttentionCacheLayerMixin):
-                self_decoder += tensor_bytes(*layer.recurrent_states.values(), *layer.conv_states.values())
-            else:
-                self_decoder += tensor_bytes(layer.keys, layer.values)
-        global_kv = tensor_bytes(*self.global_key_values)
-        layer = self.layers[self.global_kv_layer_idx]
-        reserved = layer.reserved_bytes() if isinstance(layer, YocoGlobalKVLayer) else global_kv
-        rollback = sum(layer.rollback_bytes() for layer in self.layers if isinstance(layer, YocoRetentionLayer))
-        return {
-            "self_decoder": self_decoder,
-            "global_kv": global_kv,
-            "rollback": rollback,  # what `crop` needs while recording (assisted decoding), else 0
-            "total": self_decoder + global_kv + rollback,
-            "global_kv_reserved": max(reserved, global_kv),  # allocated, incl. up to `growth` spare positions
-            "held": storage_bytes(*cache_tensors(self)),
-        }
+        return _memory_bytes(self)
 
     def _map_recurrent_states(self, fn) -> None:
         for layer in self.layers:
@@ -432,6 +417,138 @@ class YocoCache(DynamicCache):
         for layer in self.layers:
             if not isinstance(layer, LinearAttentionCacheLayerMixin):
                 layer.batch_select_indices(indices)
+
+
+class YocoRingWindowLayer(StaticLayer):
+    """Static sliding-window layer for `torch.compile`: a ring buffer of W slots `[B, H_kv, W, D]`, position `p` in slot
+    `p % W`, with the position each slot holds (`positions`, `[W]`, -1 = empty). A decode step writes one slot in
+    place and attends over the W slots (the mask comes from `positions`: `YocoModel` builds it with
+    `attention_key_positions`), so shapes, addresses and control flow never change; a multi-token update (prefill)
+    attends over the ring plus the new keys, then keeps the last W of them. Key order differs from the dynamic
+    layer's, so results agree up to float rounding. Not croppable: a slot, once overwritten, is gone."""
+
+    is_sliding = True
+    is_croppable = False
+
+    def __init__(self, sliding_window: int, **kwargs) -> None:
+        super().__init__(max_cache_len=sliding_window)
+        self.sliding_window = sliding_window
+        self.positions = torch.full((sliding_window,), -1, dtype=torch.long)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.positions = self.positions.to(key_states.device)
+        if not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(self.positions)
+        super().lazy_initialization(key_states, value_states)
+
+    def _new_positions(self, length: int) -> torch.Tensor:
+        return torch.arange(length, device=self.positions.device) + self.cumulative_length.to(self.positions.device)
+
+    def attention_key_positions(self, query_length: int) -> torch.Tensor:
+        """Absolute position of each key the next `update` of `query_length` tokens returns (`[W]` for one token,
+        `[W + T]` for more), -1 for empty slots."""
+        new = self._new_positions(query_length)
+        if query_length == 1:
+            slots = torch.arange(self.sliding_window, device=new.device)
+            return torch.where(slots == new % self.sliding_window, new, self.positions)
+        return torch.cat([self.positions, new])
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = key_states.shape[-2]
+        new = self._new_positions(length)
+        kept = min(length, self.sliding_window)  # the last W new tokens stay in the ring
+        slots = new[-kept:] % self.sliding_window
+        returned = (self.keys, self.values)
+        if length > 1:  # the ring as it was, then the new keys (copies: the ring is overwritten below)
+            returned = (torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2))
+        self.keys.index_copy_(2, slots, key_states[..., -kept:, :])
+        self.values.index_copy_(2, slots, value_states[..., -kept:, :])
+        self.positions.index_copy_(0, slots, new[-kept:])
+        self.cumulative_length.add_(length)
+        return returned
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.sliding_window + (query_length if query_length > 1 else 0), 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError(
+            "a static YOCO cache cannot be cropped (its sliding windows are ring buffers); use the dynamic YocoCache "
+            "for assisted or prompt-lookup decoding"
+        )
+
+    def reset(self) -> None:
+        super().reset()
+        self.positions.fill_(-1)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)  # positions are shared by every row
+
+
+class YocoStaticCache(StaticCache):
+    """Fixed-capacity cache of a YOCO model for `torch.compile` / CUDA graphs (`generate(...,
+    cache_implementation="static")` builds it): the global K/V preallocated for `max_cache_len` positions
+    (transformers' `StaticLayer`), sliding windows as ring buffers (`YocoRingWindowLayer`), retention states updated
+    in place (`LinearAttentionLayer`); the reuse layers store nothing. Every decode step then has the same shapes
+    and tensor addresses, so the compiled step is replayed as one graph."""
+
+    def __init__(self, config: YocoConfig, max_cache_len: int, offloading: bool = False, **kwargs) -> None:
+        super().__init__(config=config, max_cache_len=max_cache_len, offloading=offloading, **kwargs)
+        self.max_cache_len = max_cache_len
+        self.num_self_decoder_layers = config.num_hidden_layers // 2
+        self.global_kv_layer_idx = self.num_self_decoder_layers
+        if config.self_decoder_type == "sliding_window":
+            for i in range(self.num_self_decoder_layers):
+                self.layers[i] = YocoRingWindowLayer(config.sliding_window)
+
+    @property
+    def global_key_values(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The global K/V buffers `[B, H_kv, max_cache_len, D]` (positions past `get_seq_length()` are unused)."""
+        layer = self.layers[self.global_kv_layer_idx]
+        return (layer.keys, layer.values) if layer.is_initialized else (None, None)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """As `YocoCache.memory_bytes`; `global_kv` counts the filled positions, `global_kv_reserved` the whole
+        preallocated buffer."""
+        return _memory_bytes(self)
+
+
+def _static_capacity(cache: Cache | None) -> int | None:
+    """Positions a static cache's global K/V can hold (None for a dynamic cache)."""
+    if cache is None or len(cache.layers) == 0:
+        return None
+    store = cache.layers[len(cache.layers) // 2]  # the "store" layer of a cache built from a YocoConfig
+    return store.max_cache_len if isinstance(store, StaticLayer) else None
+
+
+def _memory_bytes(cache: YocoCache | YocoStaticCache) -> dict[str, int]:
+    self_decoder = 0
+    for layer in cache.layers[: cache.num_self_decoder_layers]:
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            self_decoder += tensor_bytes(*layer.recurrent_states.values(), *layer.conv_states.values())
+        elif getattr(layer, "is_initialized", False):
+            self_decoder += tensor_bytes(layer.keys, layer.values)
+    layer = cache.layers[cache.global_kv_layer_idx]
+    keys, values = cache.global_key_values
+    if isinstance(layer, StaticLayer):  # preallocated: the filled positions are what the cache logically holds
+        filled = int(layer.cumulative_length) if layer.is_initialized else 0
+        reserved = tensor_bytes(keys, values)
+        global_kv = tensor_bytes(keys[..., :filled, :], values[..., :filled, :]) if keys is not None else 0
+    else:
+        global_kv = tensor_bytes(keys, values)
+        reserved = layer.reserved_bytes() if isinstance(layer, YocoGlobalKVLayer) else global_kv
+    rollback = sum(layer.rollback_bytes() for layer in cache.layers if isinstance(layer, YocoRetentionLayer))
+    return {
+        "self_decoder": self_decoder,
+        "global_kv": global_kv,
+        "rollback": rollback,  # what `crop` needs while recording (assisted decoding), else 0
+        "total": self_decoder + global_kv + rollback,
+        "global_kv_reserved": max(reserved, global_kv),  # allocated: spare positions / the static buffer included
+        "held": storage_bytes(*cache_tensors(cache)),
+    }
 
 
 def _get_recurrent_state(cache: Cache | None, layer_idx: int) -> torch.Tensor | None:
@@ -734,7 +851,7 @@ class YocoPreTrainedModel(HfYocoModelMixin, PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = False
-    _can_compile_fullgraph = False
+    _can_compile_fullgraph = True  # with YocoStaticCache (generate's cache_implementation="static")
     _supports_attention_backend = True
     _can_record_outputs = {
         "hidden_states": YocoDecoderLayer,
@@ -828,7 +945,8 @@ class YocoModel(YocoPreTrainedModel):
                 f"({self.config.num_hidden_layers} layers, {self.config.self_decoder_type}) needs "
                 "YocoCache(config=model.config)"
             )
-        keys = cache.layers[half].keys if cache.get_seq_length() else None
+        store = cache.layers[half]
+        keys = store.keys if getattr(store, "is_initialized", False) else None  # shapes only: no host sync
         if keys is not None and keys.numel() and keys.shape[0] != batch_size:
             raise ValueError(
                 f"`cache` holds {keys.shape[0]} sequences but the inputs have {batch_size} (use "
@@ -836,10 +954,19 @@ class YocoModel(YocoPreTrainedModel):
             )
 
     def _self_decoder_mask(
-        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None, position_ids
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+        position_ids: torch.Tensor,
+        cache_positions: torch.Tensor,
     ) -> torch.Tensor | None:
-        """4D sliding-window mask (SWA) or the 2D padding mask of the current tokens (gated retention)."""
+        """4D sliding-window mask (SWA) or the 2D padding mask of the current tokens (gated retention).
+        `cache_positions` (`[T]`): the absolute index of each current token (its column in `attention_mask`)."""
         if self.config.self_decoder_type == "sliding_window":
+            ring = cache.layers[0] if cache is not None else None
+            if isinstance(ring, YocoRingWindowLayer):
+                return self._ring_window_mask(inputs_embeds, attention_mask, ring, cache_positions)
             return create_sliding_window_causal_mask(
                 config=self.config,
                 inputs_embeds=inputs_embeds,
@@ -848,10 +975,52 @@ class YocoModel(YocoPreTrainedModel):
                 **cache_kwarg(cache),
             )
         # 2D padding mask of the current tokens. (Not `create_recurrent_attention_mask`: it drops the mask for
-        # single-token inputs, but a 1-token prefill chunk can be padding.)
-        if attention_mask is None or attention_mask.ndim != 2 or bool(attention_mask.all()):
+        # single-token inputs, but a 1-token prefill chunk can be padding.) An all-ones mask is kept rather than
+        # tested (`.all()` would be a host sync every step; generate passes None for unpadded batches anyway).
+        if attention_mask is None or attention_mask.ndim != 2:
             return None
-        return attention_mask[:, -inputs_embeds.shape[1] :]
+        return attention_mask.index_select(1, cache_positions)
+
+    def _ring_window_mask(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        ring: YocoRingWindowLayer,
+        cache_positions: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """Sliding-window mask over a static cache's ring buffer: key j (at absolute position `p_j`, -1 = empty) is
+        visible to the query at position q when `q - W < p_j <= q` and `p_j` is not padding."""
+        implementation = self.config._attn_implementation
+        if implementation not in ("sdpa", "eager"):
+            raise ValueError(
+                f"a static cache with sliding-window attention needs attn_implementation 'sdpa' or 'eager' (its window "
+                f"is a ring buffer, which needs an explicit mask), got {implementation!r}"
+            )
+        key_positions = ring.attention_key_positions(inputs_embeds.shape[1])  # [K]
+        window = self.config.sliding_window
+        padding = None if attention_mask is None else attention_mask.to(device=key_positions.device, dtype=torch.bool)
+
+        def visible(batch_idx, head_idx, q_idx, kv_idx):
+            position = key_positions[kv_idx]
+            allowed = (position >= 0) & (position <= q_idx) & (position > q_idx - window)
+            if padding is not None:
+                allowed = allowed & padding[batch_idx, position.clamp(min=0)]
+            return allowed
+
+        return ALL_MASK_ATTENTION_FUNCTIONS[implementation](
+            batch_size=inputs_embeds.shape[0],
+            q_length=inputs_embeds.shape[1],
+            kv_length=key_positions.shape[0],
+            q_offset=cache_positions[0],
+            kv_offset=0,
+            mask_function=visible,
+            attention_mask=None,
+            allow_is_causal_skip=False,
+            dtype=inputs_embeds.dtype,
+            config=self.config,
+            use_vmap=False,
+            device=inputs_embeds.device,
+        )
 
     def _cross_attention_mask(
         self,
@@ -922,9 +1091,13 @@ class YocoModel(YocoPreTrainedModel):
         cache = pick_cache(cache, past_key_values)
         if cache is not None:
             self._check_cache(cache, (input_ids if inputs_embeds is None else inputs_embeds).shape[0])
+        past_seen = cache.get_seq_length() if cache is not None else 0
+        if isinstance(past_seen, torch.Tensor):  # a static cache's live counter (moves as the layers update)
+            past_seen = past_seen.clone()
         check_model_inputs(
-            self.config, input_ids, inputs_embeds, attention_mask, position_ids, cache.get_seq_length() if cache else 0
-        )
+            self.config, input_ids, inputs_embeds, attention_mask, position_ids, past_seen,
+            static_length=_static_capacity(cache),
+        )  # fmt: skip
         batch_size = (input_ids if inputs_embeds is None else inputs_embeds).shape[0]
         packed_sequences = self._packed_sequences(position_ids, attention_mask, cache, batch_size)
         if packed_sequences is not None:
@@ -932,7 +1105,6 @@ class YocoModel(YocoPreTrainedModel):
         if use_cache and cache is None:
             cache = YocoCache(config=self.config)
         returned_cache = cache
-        past_seen = cache.get_seq_length() if cache is not None else 0
         reference = input_ids if inputs_embeds is None else inputs_embeds
         length, device = reference.shape[1], reference.device
         if position_ids is None:
@@ -964,6 +1136,8 @@ class YocoModel(YocoPreTrainedModel):
         if cache is not None:
             kv_length, kv_offset = cache.get_mask_sizes(length, store_idx)
             q_offset = cache.get_query_offset(store_idx)
+            if isinstance(q_offset, torch.Tensor):  # a static layer's live counter: the global K/V update moves it
+                q_offset = q_offset.clone()
         else:
             kv_length, kv_offset, q_offset = length, 0, 0
 
@@ -984,7 +1158,10 @@ class YocoModel(YocoPreTrainedModel):
             chunk_mask = attention_mask
             if chunked and attention_mask is not None:
                 chunk_mask = attention_mask[:, : past_seen + end]
-            self_mask = self._self_decoder_mask(hidden_states, chunk_mask, cache, chunk_position_ids)
+            chunk_cache_positions = torch.arange(start, end, device=device) + past_seen  # [T_chunk]
+            self_mask = self._self_decoder_mask(
+                hidden_states, chunk_mask, cache, chunk_position_ids, chunk_cache_positions
+            )
             self_position_embeddings = self_rotary(hidden_states, chunk_position_ids)
             for layer in self.layers[: self.num_self_decoder_layers]:
                 hidden_states = layer(
@@ -1035,14 +1212,30 @@ class YocoForCausalLM(YocoPreTrainedModel, GenerationMixin):
         """Let generate() build its default cache, then swap the plain `DynamicCache` for a `YocoCache`."""
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get(CACHE_NAME)
-        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+        if getattr(cache, "_is_user_defined", False):
+            return
+        if type(cache) is DynamicCache:
             yoco_cache = YocoCache(config=self.config, offloading=cache.offloading)
             if generation_config.is_assistant:
                 yoco_cache.activate_past_recording()
             model_kwargs[CACHE_NAME] = yoco_cache
+        elif type(cache) is StaticCache:  # cache_implementation="static": ring-buffer windows, same capacity
+            model_kwargs[CACHE_NAME] = YocoStaticCache(
+                config=self.config, max_cache_len=_static_capacity(cache), offloading=cache.offloading
+            )
 
-    def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
-        """Keep the 2D mask with static caches too: forward builds its masks per prefill chunk and per kept row."""
+    def create_masks_for_generate(
+        self,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor | None:
+        """Keep the 2D mask (forward builds its masks per prefill chunk and per kept row); with a static cache, pad
+        it with zeros to the cache's capacity so that every compiled decode step sees the same shape."""
+        capacity = _static_capacity(pick_cache(cache, past_key_values))
+        if capacity is not None and attention_mask is not None and attention_mask.ndim == 2:
+            attention_mask = F.pad(attention_mask, (0, capacity - attention_mask.shape[1]))
         return attention_mask
 
     @can_return_tuple
@@ -1109,6 +1302,7 @@ class YocoForCausalLM(YocoPreTrainedModel, GenerationMixin):
 
 __all__ = [
     "YocoCache",
+    "YocoStaticCache",
     "YocoForCausalLM",
     "YocoModel",
     "YocoPreTrainedModel",
