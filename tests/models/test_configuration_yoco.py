@@ -79,6 +79,7 @@ def test_round_trip(tmp_path):
         (dict(gate_logit_normalizer=0.0), "gate_logit_normalizer"),
         (dict(retention_chunk_size=0), "retention_chunk_size"),
         (dict(self_decoder_chunk_size=0), "self_decoder_chunk_size"),
+        (dict(self_decoder_chunk_size="big"), "self_decoder_chunk_size.*'auto'"),
         (dict(rms_norm_eps=0.0), "rms_norm_eps"),
         (dict(layer_types=["full_attention"] * 6), "layer_types"),
         (dict(official_numerics=True, rope_parameters={"rope_type": "linear", "factor": 2.0}), "rope_type"),

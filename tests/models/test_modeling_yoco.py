@@ -140,6 +140,24 @@ def test_plain_dynamic_and_static_caches_work(self_decoder_type):
     assert torch.equal(greedy(model, input_ids, cache_implementation="static"), reference)
 
 
+def test_auto_prefill_chunk_follows_the_device(monkeypatch):
+    """ "auto": 2048 tokens on CPU; on a GPU the biggest multiple of 2048 whose MLP activations fit a quarter of the
+    free memory (simulated: an 80 GiB device, batch 2, intermediate 64, fp32)."""
+    model = tiny_model("gated_retention").model
+    assert model.config.self_decoder_chunk_size == "auto"
+    assert model._prefill_chunk_size(torch.zeros(2, 10_000), 10_000) == 2048
+
+    class CudaTensor:  # what `_prefill_chunk_size` reads of a CUDA tensor
+        is_cuda, shape, device = True, (2, 10_000_000), "cuda:0"
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (80 * 2**30, 80 * 2**30))
+    per_token = 2 * model.config.intermediate_size * 4 * 4
+    expected = 80 * 2**30 // 4 // per_token // 2048 * 2048
+    assert model._prefill_chunk_size(CudaTensor(), 10_000_000) == expected > 2048
+    swa = tiny_model("sliding_window").model  # the PyTorch window path caps it: about one window per chunk
+    assert swa._prefill_chunk_size(torch.zeros(2, 10_000), 10_000) == 512
+
+
 @pytest.mark.parametrize("chunk", [1, 4, 7])
 def test_chunked_prefill_equals_one_shot(self_decoder_type, chunk):
     model = tiny_model(self_decoder_type)

@@ -44,12 +44,15 @@ class YocoConfig(PreTrainedConfig):
             `log(gamma) = logsigmoid(x W_gamma) / gate_logit_normalizer` (gRet decay per head and token).
         retention_chunk_size (`int`, defaults to 64):
             Chunk length of the chunkwise gRet form used for prompts/training sequences.
-        self_decoder_chunk_size (`int`, *optional*, defaults to 2048):
+        self_decoder_chunk_size (`int` or `"auto"`, *optional*, defaults to `"auto"`):
             Chunked prefill: in eval mode, push at most this many prompt tokens through the self-decoder at once
             (state carried by the cache), so activation memory stays bounded for very long prompts; results equal
-            one-shot prefill. `None` disables it. With a sliding-window self-decoder the chunk is also capped at
-            `max(sliding_window, 512)`, so each chunk only meets about two windows of keys (block-sparse prefill). (Named apart from `GenerationConfig.prefill_chunk_size`, which
-            chunks whole forward calls inside `generate()` and also works with YOCO.)
+            one-shot prefill. `None` disables it. `"auto"`: 2048 on CPU; on a GPU as many tokens as fit a quarter of
+            the free memory (a multiple of 2048), so long prompts run in few large chunks. With a sliding-window
+            self-decoder on the PyTorch attention path the chunk is also capped at `max(sliding_window, 512)`, so
+            each chunk only meets about two windows of keys (block-sparse prefill; the Triton kernel is block-sparse
+            by itself). (Named apart from `GenerationConfig.prefill_chunk_size`, which chunks whole forward calls
+            inside `generate()` and also works with YOCO.)
         official_numerics (`bool`, defaults to `False`):
             Reproduce the official microsoft/unilm YOCO numerics needed to load converted checkpoints: embeddings
             scaled by `sqrt(hidden_size)` and RoPE with `theta ** -linspace(0, 1, d/2)` frequencies on interleaved
@@ -88,7 +91,7 @@ class YocoConfig(PreTrainedConfig):
     num_retention_heads: int | None = None
     gate_logit_normalizer: float = 16.0
     retention_chunk_size: int = 64
-    self_decoder_chunk_size: int | None = 2048
+    self_decoder_chunk_size: int | str | None = "auto"
     official_numerics: bool = False
     kernel_backend: str = "auto"
     layer_types: list[str] | None = None
@@ -189,12 +192,13 @@ class YocoConfig(PreTrainedConfig):
                     f"`num_retention_heads` ({heads}) must divide `hidden_size` ({self.hidden_size}) into an even "
                     "head size."
                 )
-        if self.self_decoder_chunk_size is not None and (
-            isinstance(self.self_decoder_chunk_size, bool) or self.self_decoder_chunk_size <= 0
+        chunk = self.self_decoder_chunk_size
+        if (
+            chunk is not None
+            and chunk != "auto"
+            and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0)
         ):
-            raise ValueError(
-                f"`self_decoder_chunk_size` must be a positive int or None, got {self.self_decoder_chunk_size!r}."
-            )
+            raise ValueError(f"`self_decoder_chunk_size` must be a positive int, 'auto' or None, got {chunk!r}.")
         if self.kernel_backend not in KERNEL_BACKENDS:
             raise ValueError(f"`kernel_backend` must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}.")
         rope_type = (self.rope_parameters or {}).get("rope_type", "default")

@@ -120,11 +120,13 @@ class BlockTransformerBlockCacheLayer(CacheLayerMixin):
         positions: torch.Tensor,
         rows: torch.Tensor,
         batch_size: int,
+        num_keys: int,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write one block per row of `rows` at `positions`; returns `[len(rows), H_kv, max(positions) + 1,
-        head_dim]` (entries past a row's own position must be masked by the caller)."""
-        needed = int(positions.max()) + 1
+        """Write one block per row of `rows` at `positions` (all `< num_keys`, a bound the caller knows without
+        reading the device); returns `[len(rows), H_kv, num_keys, head_dim]` (entries past a row's own position must
+        be masked by the caller)."""
+        needed = num_keys
         if self.keys is None:
             self.lazy_initialization(key_states, value_states)
             shape = (int(batch_size), key_states.shape[1], 0, key_states.shape[-1])
@@ -172,12 +174,13 @@ class BlockTransformerLocalCacheLayer(BlockTransformerBlockCacheLayer):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write query slot `s` of row `b` at local position `positions[b, s]` wherever `write_mask[b, s]`; returns
-        the full `[B, H_kv, S, head_dim]` buffers."""
-        rows, slots = write_mask.nonzero(as_tuple=True)
-        local = positions[rows, slots]
-        # keys[rows, :, local] is [n, H_kv, head_dim]; key_states[rows, :, slots] likewise
-        self.keys[rows, :, local] = key_states[rows, :, slots]
-        self.values[rows, :, local] = value_states[rows, :, slots]
+        the full `[B, H_kv, S, head_dim]` buffers. Slots not written put back what their position holds (a
+        read-modify-write instead of selecting the written slots, which would cost a host sync per layer)."""
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)  # [B, q]
+        keep = ~write_mask[..., None, None]  # [B, q, 1, 1]
+        # keys[rows, :, positions] is [B, q, H_kv, head_dim]; key_states is [B, H_kv, q, head_dim]
+        for buffer, states in ((self.keys, key_states), (self.values, value_states)):
+            buffer[rows, :, positions] = torch.where(keep, buffer[rows, :, positions], states.transpose(1, 2))
         return self.keys, self.values
 
 
@@ -215,6 +218,7 @@ class BlockTransformerCache(Cache):
         self.pending_tokens: torch.Tensor | None = None
         self.num_tokens: torch.Tensor | None = None
         self._seen_tokens = 0
+        self.max_tokens = 0  # an upper bound of `num_tokens` kept on the host (sizes block masks without a sync)
         self.record_past = False
         self.history: torch.Tensor | None = None  # [B, capacity] ids of the real tokens, while recording
         self.stale: torch.Tensor | None = None  # [B] rows whose local state must be rebuilt (after a crop)
@@ -226,14 +230,18 @@ class BlockTransformerCache(Cache):
     def start(self, pending_tokens: torch.Tensor, num_tokens: torch.Tensor, length: int) -> None:
         """After a prefill of `length` input columns: the pending ids `[B, L-1]` and real tokens `[B]` per row."""
         self.pending_tokens, self.num_tokens, self._seen_tokens = pending_tokens, num_tokens, length
+        self.max_tokens = int(num_tokens.max())
 
     def advance(self, new_ids: torch.Tensor) -> None:
         """After a decode step that fed `new_ids` `[B]`: pending ids of unfinished blocks, token counts."""
-        keep = self.num_pending != self.block_length - 1
-        if self.block_length > 1:
-            self.pending_tokens[keep, self.num_pending[keep]] = new_ids[keep]
+        if self.block_length > 1:  # a completing row keeps its (now stale) pending ids; no boolean indexing: no sync
+            column = self.num_pending.clamp(max=self.block_length - 2)[:, None]  # [B, 1]
+            keep = (self.num_pending != self.block_length - 1)[:, None]
+            current = self.pending_tokens.gather(1, column)
+            self.pending_tokens.scatter_(1, column, torch.where(keep, new_ids[:, None], current))
         self.num_tokens = self.num_tokens + 1
         self._seen_tokens += 1
+        self.max_tokens += 1
 
     @property
     def is_croppable(self) -> bool:
@@ -333,7 +341,7 @@ class BlockTransformerCache(Cache):
         for layer in self.layers:
             layer.reset()
         self.pending_tokens = self.num_tokens = self.history = self.stale = None
-        self._seen_tokens = 0
+        self._seen_tokens = self.max_tokens = 0
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last `-tokens_to_remove` tokens (negative, as `DynamicLayer.crop`).
@@ -363,6 +371,7 @@ class BlockTransformerCache(Cache):
                 raise ValueError(f"cannot remove {remove} token(s): some row holds only {int(self.num_tokens.min())}")
         self.num_tokens = self.num_tokens - remove
         self._seen_tokens -= remove
+        self.max_tokens -= remove
         if bool(crosses.any()):
             L = self.block_length
             block_start = self.num_blocks * L  # [B]
@@ -897,13 +906,14 @@ class BlockTransformerModel(BlockTransformerPreTrainedModel):
             rows_p, blocks_p = rows[previous], blocks[previous] - 1  # the last completed block of each row
             columns = blocks_p[:, None] * L + torch.arange(L, device=device)[None]  # [r', L]
             block_embeds = self.embedder(cache.history[rows_p].gather(1, columns)[:, None])  # [r', 1, D]
-            allowed = torch.arange(int(blocks_p.max()) + 1, device=device)[None] <= blocks_p[:, None]
+            num_keys = int(blocks_p.max()) + 1
+            allowed = torch.arange(num_keys, device=device)[None] <= blocks_p[:, None]
             block_states = self.block_decoder(
                 block_embeds,
                 blocks_p[:, None],
                 _additive_mask(allowed, dtype)[:, None, None],
                 cache=cache,
-                cache_kwargs={"rows": rows_p, "positions": blocks_p, "batch_size": batch},
+                cache_kwargs={"rows": rows_p, "positions": blocks_p, "batch_size": batch, "num_keys": num_keys},
             )  # [r', 1, D]; rewrites that block's (unchanged) K/V
             contexts[previous] = block_states[:, 0].to(contexts.dtype)
         inputs = self.token_decoder.embed_tokens.weight.new_zeros(batch, S, config.hidden_size)  # [B, S, D]
@@ -936,14 +946,14 @@ class BlockTransformerModel(BlockTransformerPreTrainedModel):
             block_ids = torch.cat([cache.pending_tokens[done], new_ids[done, None]], dim=1)  # [r, L]
             block_embeds = self.embedder(block_ids[:, None])  # [r, 1, D]
             block_positions = cache.num_blocks[done]  # [r]: index of the block being added
-            num_keys = int(block_positions.max()) + 1
+            num_keys = cache.max_tokens // L + 1  # > every row's block index, known on the host
             allowed = torch.arange(num_keys, device=device)[None] <= block_positions[:, None]  # [r, num_keys]
             block_states = self.block_decoder(
                 block_embeds,
                 block_positions[:, None],
                 _additive_mask(allowed, dtype)[:, None, None],  # [r, 1, 1, num_keys]
                 cache=cache,
-                cache_kwargs={"rows": done, "positions": block_positions, "batch_size": batch},
+                cache_kwargs={"rows": done, "positions": block_positions, "batch_size": batch, "num_keys": num_keys},
             )  # [r, 1, D]
             prefix = self.token_decoder.expand_context(block_states[:, 0])  # [r, k, D]
 

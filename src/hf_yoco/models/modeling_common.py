@@ -84,6 +84,12 @@ def output_cache(outputs: Any) -> Any:
     return getattr(outputs, CACHE_NAME, None)
 
 
+def checks_values(reference: torch.Tensor, past_length: int) -> bool:
+    """Whether `check_model_inputs` reads input values (a host sync on an accelerator): always on CPU, where it costs
+    nothing; on accelerators at prefill only, so decode steps never wait for the device."""
+    return reference.device.type == "cpu" or past_length == 0
+
+
 def check_model_inputs(
     config,
     input_ids: torch.Tensor | None,
@@ -123,7 +129,7 @@ def check_model_inputs(
     compiling = torch.compiler.is_compiling()
     if isinstance(past_length, torch.Tensor) and not compiling:
         past_length = int(past_length)
-    check_values = not compiling and (reference.device.type == "cpu" or past_length == 0)
+    check_values = not compiling and checks_values(reference, past_length)
     if input_ids is not None and check_values:
         low, high = (int(v) for v in torch.aminmax(input_ids))
         if low < 0 or high >= config.vocab_size:

@@ -199,6 +199,7 @@ def packed_cu_seqlens(packed_sequences: torch.Tensor) -> torch.Tensor:
 
 
 SLIDING_WINDOW_MIN_CHUNK = 512  # smallest self-decoder chunk used for block-sparse sliding-window prefill
+AUTO_CHUNK = 2048  # self_decoder_chunk_size="auto": the chunk on CPU, and the unit of the GPU's memory-sized chunk
 
 # --------------------------------------------------------------------------------------------------------------------
 # Cache
@@ -928,6 +929,27 @@ class YocoModel(YocoPreTrainedModel):
             )
         return packed
 
+    def _prefill_chunk_size(self, reference: torch.Tensor, length: int) -> int | None:
+        """Self-decoder tokens per prefill chunk (`config.self_decoder_chunk_size`, "auto" resolved for the device)."""
+        chunk = self.config.self_decoder_chunk_size
+        if chunk is None:
+            return None
+        if chunk == "auto":
+            chunk = AUTO_CHUNK
+            if reference.is_cuda and length > chunk:  # the biggest multiple of 2048 whose activations fit 1/4 free
+                free_bytes, _ = torch.cuda.mem_get_info(reference.device)
+                per_token = reference.shape[0] * self.config.intermediate_size * 4 * self.dtype.itemsize
+                chunk = max(AUTO_CHUNK, free_bytes // 4 // per_token // AUTO_CHUNK * AUTO_CHUNK)
+        if (
+            self.config.self_decoder_type == "sliding_window"
+            and kernel_op(self.config, reference, "attention") is None
+        ):
+            # Block-sparse window attention on the PyTorch path: a chunk of C queries only meets C + W - 1 keys, so
+            # chunks of about one window skip the (T x T) dense mask and compute; the floor keeps per-chunk
+            # overhead small for tiny W.
+            chunk = min(chunk, max(self.config.sliding_window, SLIDING_WINDOW_MIN_CHUNK))
+        return chunk
+
     def _check_cache(self, cache: Cache, batch_size: int) -> None:
         """The cache must have this config's layout (a `YocoCache(config=model.config)`, or a transformers cache built
         from this config) and, once filled, the batch size of the inputs."""
@@ -1115,11 +1137,7 @@ class YocoModel(YocoPreTrainedModel):
             for name in ("hidden_states", "attentions")
         )
         keep = length if outputs_requested or logits_to_keep <= 0 else min(logits_to_keep, length)
-        chunk = self.config.self_decoder_chunk_size
-        if chunk is not None and self.config.self_decoder_type == "sliding_window":
-            # Block-sparse window attention: a chunk of C queries only meets C + W - 1 keys, so chunks of about one
-            # window skip the (T x T) dense mask and compute; the floor keeps per-chunk overhead small for tiny W.
-            chunk = min(chunk, max(self.config.sliding_window, SLIDING_WINDOW_MIN_CHUNK))
+        chunk = self._prefill_chunk_size(reference, length)
         chunked = (
             chunk is not None
             and length > chunk
