@@ -9,7 +9,10 @@
 # 3. runs tests/kernels and tests/test_integrations.py on CUDA, then the `gpu`-marked model tests (forward,
 #    generate, a Trainer step, bf16 numerics of the Triton vs PyTorch paths against fp32: numerics.jsonl);
 # 4. times the kernels against their PyTorch references, SDPA, fla's chunk_simple_gla and flex_attention
-#    (benchmarks/kernels.py -> kernels/kernels.{json,md}).
+#    (benchmarks/kernels.py -> kernels/kernels.{json,md});
+# 5. with MODEL_BENCH=1, the model benchmark at the paper's scale against a same-size Llama, eager and with static
+#    caches + torch.compile (`hf-yoco bench --device cuda --dtype bfloat16 [--compile]` -> bench/, bench-compile/;
+#    about 8 minutes each on an H100: a session of its own).
 # Each step has its own time limit and the run goes on after a failure; the exit status says whether all passed.
 # Without a GPU it still runs (kernels in the Triton interpreter, the gpu tests skipped, a --smoke benchmark),
 # which is how it is checked before it is taken to a GPU.
@@ -62,5 +65,14 @@ step 420 tests.log env HF_YOCO_GPU_REPORT="$OUT/numerics.jsonl" python3 -m pytes
     tests/test_gpu.py
 step 420 bench.log python3 benchmarks/kernels.py "${bench[@]}" --out "$OUT/kernels"
 rm -f "$OUT/bench.log"  # the tables are in kernels/kernels.md
+if [ "${MODEL_BENCH:-0}" = 1 ]; then
+    if [ ${#bench[@]} = 0 ]; then
+        model_bench=(--device cuda --dtype bfloat16)
+    else
+        model_bench=(--preset gpu --smoke)
+    fi
+    step 600 model_bench.log python3 -m hf_yoco.cli bench "${model_bench[@]}" --output-dir "$OUT/bench"
+    step 600 model_bench.log python3 -m hf_yoco.cli bench "${model_bench[@]}" --compile --output-dir "$OUT/bench-compile"
+fi
 echo "gpu_check: $([ $status = 0 ] && echo all passed || echo FAILURES, see the logs) -> $OUT"
 exit $status

@@ -192,6 +192,10 @@ CLI_CASES = [
     ("train: output dir is a file", ["train", "--output-dir", "{file}"], r"--output-dir .* is a file"),
     ("bench: negative budget", ["bench", "--budget-gib", "-1"], r"--budget-gib: must be > 0"),
     ("bench: unknown model", ["bench", "--models", "gpt"], r"invalid choice: 'gpt'"),
+    ("bench: cuda without a GPU", ["bench", "--device", "cuda"], r"--device cuda: no CUDA GPU is visible here .*--preset gpu --smoke"),
+    ("bench: unknown device", ["bench", "--device", "tpu"], r"--device must be cpu, cuda or cuda:N, got 'tpu'"),
+    ("bench: --quick against --preset", ["bench", "--quick", "--preset", "gpu"], r"--quick and --preset gpu disagree"),
+    ("bench: unknown dtype", ["bench", "--dtype", "fp8"], r"--dtype: invalid choice: 'fp8'"),
     ("unknown command", ["serve"], r"invalid choice: 'serve'"),
 ]  # fmt: skip
 

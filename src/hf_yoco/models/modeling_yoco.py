@@ -353,7 +353,35 @@ class YocoSlidingWindowLayer(DynamicSlidingWindowLayer):
         return out
 
 
-class YocoCache(DynamicCache):
+class YocoCacheBatchMixin:
+    """Batch operations (beam reorder, repeat, select) of the YOCO caches, recurrent states and rollback included
+    (transformers' linear-attention layers have no batch operations of their own)."""
+
+    def _map_batch(self, fn) -> None:
+        """Apply `fn` to the batch dimension of every tensor the layers hold (K/V, recurrent states, rollback)."""
+        for layer in self.layers:
+            if isinstance(layer, LinearAttentionCacheLayerMixin):
+                for i, initialized in layer.is_recurrent_states_initialized.items():
+                    if initialized:
+                        layer.recurrent_states[i] = fn(layer.recurrent_states[i])
+                if isinstance(layer, YocoRetentionLayer):
+                    layer._map_rollback(fn)
+            elif isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.numel():
+                layer.keys, layer.values = fn(layer.keys), fn(layer.values)
+                if isinstance(layer, YocoGlobalKVLayer):  # the views were replaced: the next update re-adopts them
+                    layer._key_buffer = layer._value_buffer = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+
+
+class YocoCache(YocoCacheBatchMixin, DynamicCache):
     """Cache of a YOCO model: one constant-size state per self-decoder layer plus **one** global K/V.
 
     Layers (built by transformers from `config.layer_types` / `config.kv_sharing_modes`):
@@ -391,33 +419,6 @@ class YocoCache(DynamicCache):
         allocated (spare positions for in-place appends); and `held`, the bytes of every storage the cache keeps
         alive (views of larger tensors, spare capacity and bookkeeping included): what the cache really costs."""
         return _memory_bytes(self)
-
-    def _map_recurrent_states(self, fn) -> None:
-        for layer in self.layers:
-            if isinstance(layer, LinearAttentionCacheLayerMixin):
-                for i, initialized in layer.is_recurrent_states_initialized.items():
-                    if initialized:
-                        layer.recurrent_states[i] = fn(layer.recurrent_states[i])
-            if isinstance(layer, YocoRetentionLayer):
-                layer._map_rollback(fn)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_recurrent_states(lambda s: s.index_select(0, beam_idx.to(s.device)))
-        for layer in self.layers:
-            if not isinstance(layer, LinearAttentionCacheLayerMixin):
-                layer.reorder_cache(beam_idx)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_recurrent_states(lambda s: s.repeat_interleave(repeats, dim=0))
-        for layer in self.layers:
-            if not isinstance(layer, LinearAttentionCacheLayerMixin):
-                layer.batch_repeat_interleave(repeats)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_recurrent_states(lambda s: s[indices.to(s.device)])
-        for layer in self.layers:
-            if not isinstance(layer, LinearAttentionCacheLayerMixin):
-                layer.batch_select_indices(indices)
 
 
 class YocoRingWindowLayer(StaticLayer):
@@ -489,7 +490,7 @@ class YocoRingWindowLayer(StaticLayer):
         super().reorder_cache(beam_idx)  # positions are shared by every row
 
 
-class YocoStaticCache(StaticCache):
+class YocoStaticCache(YocoCacheBatchMixin, StaticCache):
     """Fixed-capacity cache of a YOCO model for `torch.compile` / CUDA graphs (`generate(...,
     cache_implementation="static")` builds it): the global K/V preallocated for `max_cache_len` positions
     (transformers' `StaticLayer`), sliding windows as ring buffers (`YocoRingWindowLayer`), retention states updated
