@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 # First of the package's own imports: importing `compat` checks the transformers release, before any model code.
 from .compat import supported_transformers
+from .continuous_batching import install as install_continuous_batching
 from .integrations import register_liger, register_peft
 from .models.configuration_block_transformer import BlockTransformerConfig
 from .models.configuration_yoco import YocoConfig
@@ -44,6 +45,7 @@ for _config, _base, _causal_lm in (
     _causal_lm.register_for_auto_class("AutoModelForCausalLM")
 register_peft()  # default LoRA target modules for both model types (only if peft is installed)
 register_liger()  # `use_liger_kernel=True` / AutoLigerKernelForCausalLM for both model types (if liger is installed)
+install_continuous_batching()  # transformers' `generate_batch` / `transformers serve` engine: hf_yoco's cache kinds
 
 __all__ = [
     "CACHE_NAME",

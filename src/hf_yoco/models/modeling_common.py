@@ -407,6 +407,22 @@ def eager_attention_forward(
     return attn_output.transpose(1, 2).contiguous(), attn_weights
 
 
+def is_paged_cache(cache) -> bool:
+    """Whether `cache` is transformers' continuous-batching `PagedAttentionCache` (`generate_batch`, `transformers
+    serve`): the requests' new tokens come packed in one row, with the engine's `cu_seq_lens_q` and cache indices."""
+    return hasattr(cache, "layer_to_allocator") and hasattr(cache, "cache_allocators")
+
+
+def cache_update(
+    cache, key: torch.Tensor, value: torch.Tensor, layer_idx: int, kwargs: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`cache.update` for every cache kind; the paged cache of continuous batching also reads (and rewrites in place,
+    for the attention call that follows) the engine's arguments in `kwargs`."""
+    if is_paged_cache(cache):
+        return cache.update(key, value, layer_idx, kwargs=kwargs)
+    return cache.update(key, value, layer_idx)
+
+
 def find_packed_sequences(
     position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, batch_size: int
 ) -> torch.Tensor | None:

@@ -58,10 +58,12 @@ from .modeling_common import (
     attention_forward,
     cache_kwarg,
     cache_tensors,
+    cache_update,
     causal_lm_head_and_loss,
     check_labels,
     check_model_inputs,
     find_packed_sequences,
+    is_paged_cache,
     kernel_op,
     output_cache,
     pick_cache,
@@ -621,7 +623,7 @@ class YocoSlidingWindowAttention(nn.Module):
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin, self.config.official_numerics)
         if cache is not None:  # cached last W-1 keys + the new ones
-            key, value = cache.update(key, value, self.layer_idx)
+            key, value = cache_update(cache, key, value, self.layer_idx, kwargs)
         attn_output, attn_weights = attention_forward(
             self,
             query,
@@ -673,19 +675,10 @@ class YocoGatedRetention(nn.Module):
     ) -> tuple[torch.Tensor, None]:
         """`cu_seqlens` (`[S + 1]`, packed sequences over the flattened `B * T` tokens): each sequence starts from a
         zero state (no cache)."""
+        if is_paged_cache(cache):
+            return self._paged_forward(hidden_states, position_embeddings, cache, kwargs), None
         batch, length, _ = hidden_states.shape
-        shape = (batch, length, self.num_heads, self.head_dim)
-        query = self.q_proj(hidden_states).view(shape)  # [B, T, H, D]
-        key = self.k_proj(hidden_states).view(shape)
-        value = self.v_proj(hidden_states).view(shape)
-        cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin, self.config.official_numerics, unsqueeze_dim=2)
-        key = key * self.head_dim**-0.5
-        log_decay = F.logsigmoid(self.gt_proj(hidden_states).float()) / self.gate_logit_normalizer  # [B, T, H]
-        if attention_mask is not None:  # 2D padding mask [B, T]: no input and no decay on padded positions
-            keep = attention_mask.to(log_decay.dtype)[..., None]  # [B, T, 1]
-            key, value = key * keep[..., None].to(key.dtype), value * keep[..., None].to(value.dtype)
-            log_decay = log_decay * keep
+        query, key, value, log_decay = self._project(hidden_states, position_embeddings, attention_mask)
 
         state = _get_recurrent_state(cache, self.layer_idx)
         want_state = cache is not None
@@ -699,11 +692,62 @@ class YocoGatedRetention(nn.Module):
             if isinstance(cache.layers[self.layer_idx], YocoRetentionLayer):  # assisted decoding may roll it back
                 cache.layers[self.layer_idx].record_update(state_before, key, value, log_decay)
             _set_recurrent_state(cache, self.layer_idx, state)
-        out = out.view(batch, length, self.num_heads, -1)
+        return self._output(hidden_states, out.view(batch, length, self.num_heads, -1)), None
 
-        out = self.norm(out).reshape(batch, length, -1)  # per-head norm, then [B, T, H * D]
+    def _project(self, hidden_states, position_embeddings, attention_mask=None):
+        """q, k (RoPE, scaled by d**-0.5), v `[B, T, H, D]` and the log-decay `[B, T, H]` (fp32); a 2D padding mask
+        zeroes k, v and the decay of padded positions."""
+        shape = (*hidden_states.shape[:2], self.num_heads, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape)  # [B, T, H, D]
+        key = self.k_proj(hidden_states).view(shape)
+        value = self.v_proj(hidden_states).view(shape)
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin, self.config.official_numerics, unsqueeze_dim=2)
+        key = key * self.head_dim**-0.5
+        log_decay = F.logsigmoid(self.gt_proj(hidden_states).float()) / self.gate_logit_normalizer  # [B, T, H]
+        if attention_mask is not None:  # 2D padding mask [B, T]: no input and no decay on padded positions
+            keep = attention_mask.to(log_decay.dtype)[..., None]  # [B, T, 1]
+            key, value = key * keep[..., None].to(key.dtype), value * keep[..., None].to(value.dtype)
+            log_decay = log_decay * keep
+        return query, key, value, log_decay
+
+    def _output(self, hidden_states: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Per-head norm of the retention output `[B, T, H, D]`, the output gate and `o_proj` -> `[B, T, d]`."""
+        out = self.norm(out).reshape(*hidden_states.shape[:2], -1)  # [B, T, H * D]
         out = F.silu(self.g_proj(hidden_states)) * out
-        return self.o_proj(out), None
+        return self.o_proj(out)
+
+    def _paged_forward(self, hidden_states, position_embeddings, cache, engine_kwargs: dict) -> torch.Tensor:
+        """Continuous batching: the new tokens of every request packed in one row `[1, N, d]`. Each request goes on
+        from its own state, kept in a slot of the engine's paged cache (`hf_yoco.continuous_batching`'s
+        `RetentionStateAllocator`; its slot is the request's write index, a fresh request starts from zeros).
+        Requests are unpacked to `[R, T_max]` rows right-padded with zero k / v and zero decay (the state passes
+        padding unchanged), run through `_retention` together, and packed back."""
+        allocator = cache.layer_to_allocator[self.layer_idx]
+        cu_q = engine_kwargs["cu_seq_lens_q"].long()
+        lengths = cu_q.diff()  # [R'] (engine padding adds requests of length 0)
+        seen = engine_kwargs["cu_seq_lens_k"][allocator.layer_type].long().diff()  # past + new tokens
+        real = lengths > 0
+        starts, lengths, seen = cu_q[:-1][real], lengths[real], seen[real]
+        slots = engine_kwargs["write_index"][allocator.index][starts]  # [R]
+        states = allocator.states(self.layer_idx)  # [slots, H, K, V] fp32, a view of the paged cache
+        fresh = (seen == lengths)[:, None, None, None]
+        state = torch.where(fresh, 0.0, states[slots])
+
+        query, key, value, log_decay = self._project(hidden_states, position_embeddings)  # [1, N, ...]
+        total, max_length = int(lengths.sum()), int(lengths.max())
+        valid = torch.arange(max_length, device=lengths.device)[None] < lengths[:, None]  # [R, T_max]
+
+        def unpack(x: torch.Tensor) -> torch.Tensor:  # [1, N, ...] -> [R, T_max, ...]
+            rows = x.new_zeros(len(lengths), max_length, *x.shape[2:])
+            rows[valid] = x[0, :total]
+            return rows
+
+        out, state = self._retention(*(unpack(x) for x in (query, key, value, log_decay)), state, True, None)
+        states[slots] = state.to(states.dtype)
+        packed = out.new_zeros(1, hidden_states.shape[1], *out.shape[2:])  # [1, N, H, D]
+        packed[0, :total] = out[valid]
+        return self._output(hidden_states, packed)
 
     def _retention(self, query, key, value, log_decay, state, want_state, cu_seqlens):
         """Triton when `kernel_backend` selects it and the kernel covers the call, else the PyTorch form that fits
@@ -739,7 +783,10 @@ class YocoGlobalKV(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         cache: Cache | None = None,
         layer_idx: int = 0,
+        engine_kwargs: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`engine_kwargs`: continuous batching's arguments, rewritten in place by the paged cache for the
+        cross-decoder's attention calls."""
         batch, length, _ = hidden_states.shape
         hidden_states = self.norm(hidden_states)
         shape = (batch, length, -1, self.head_dim)
@@ -748,7 +795,7 @@ class YocoGlobalKV(nn.Module):
         cos, sin = position_embeddings
         key = apply_rotary(key, cos, sin, self.config.official_numerics)  # RoPE once, before caching
         if cache is not None:
-            key, value = cache.update(key, value, layer_idx)  # -> all N positions so far
+            key, value = cache_update(cache, key, value, layer_idx, engine_kwargs or {})  # -> all N positions so far
         return key, value
 
 
@@ -1112,6 +1159,9 @@ class YocoModel(YocoPreTrainedModel):
         state and cross-attention all restart) and no cache is returned.
         """
         cache = pick_cache(cache, past_key_values)
+        if is_paged_cache(cache):
+            return self._paged_forward(input_ids, inputs_embeds, position_ids, attention_mask, cache, logits_to_keep,
+                                       kwargs)  # fmt: skip
         if cache is not None:
             self._check_cache(cache, (input_ids if inputs_embeds is None else inputs_embeds).shape[0])
         past_seen = cache.get_seq_length() if cache is not None else 0
@@ -1216,6 +1266,63 @@ class YocoModel(YocoPreTrainedModel):
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **cache_kwarg(returned_cache))
 
+    def _paged_forward(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | dict | None,
+        cache,
+        logits_to_keep: int | torch.Tensor,
+        engine_kwargs: dict,
+    ) -> BaseModelOutputWithPast:
+        """One step of transformers' continuous-batching engine (`generate_batch`, `transformers serve`): the new
+        tokens of every request packed in one row `[1, N]`, the engine's masks per layer type (sdpa / eager; None
+        with flash, which reads `cu_seq_lens`), and its paged cache: sliding windows and the global K/V paged by the
+        engine, retention states in per-request slots (`hf_yoco.continuous_batching`). Prefill early exit holds here
+        too: the cross-decoder runs only on the rows whose logits are kept (`logits_to_keep`, the engine's
+        `logits_indices`), when the masks allow selecting rows."""
+        for name in ("use_cache", "logits_indices", "logits_processor_args"):  # engine inputs the layers don't take
+            engine_kwargs.pop(name, None)
+        masks = attention_mask if isinstance(attention_mask, dict) else {}
+        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [1, N, d]
+        position_ids = position_ids.long()
+        half = self.num_self_decoder_layers
+        self_mask = masks.get("sliding_attention") if masks else attention_mask
+        self_rotary = self.retention_rotary_emb or self.rotary_emb
+        self_position_embeddings = self_rotary(hidden_states, position_ids)
+        for layer in self.layers[:half]:  # each layer gets its own copy: the paged cache rewrites it
+            hidden_states = layer(
+                hidden_states, self_position_embeddings, attention_mask=self_mask, cache=cache, **engine_kwargs
+            )
+        kv_position_embeddings = (
+            self_position_embeddings
+            if self.retention_rotary_emb is None
+            else self.rotary_emb(hidden_states, position_ids)
+        )
+        cross_kwargs = dict(engine_kwargs)
+        global_key_values = self.global_kv(hidden_states, kv_position_embeddings, cache, half, cross_kwargs)
+        cross_mask = masks.get("full_attention") if masks else attention_mask
+        if isinstance(logits_to_keep, torch.Tensor) and cross_mask is not None:  # prefill early exit
+            rows = logits_to_keep.long()
+            hidden_states, position_ids, cross_mask = (
+                hidden_states[:, rows],
+                position_ids[:, rows],
+                cross_mask[:, :, rows],
+            )
+            logits_to_keep = 0
+        cross_position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        for layer in self.layers[half:]:
+            hidden_states = layer(
+                hidden_states,
+                cross_position_embeddings,
+                attention_mask=cross_mask,
+                global_key_values=global_key_values,
+                **cross_kwargs,
+            )
+        hidden_states = slice_logits_to_keep(self.norm(hidden_states), logits_to_keep)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states)
+
 
 class YocoForCausalLM(YocoPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -1297,7 +1404,8 @@ class YocoForCausalLM(YocoPreTrainedModel, GenerationMixin):
         ```
         """
         check_labels(labels, input_ids if input_ids is not None else inputs_embeds)
-        cross_positions = logits_to_keep if labels is None and isinstance(logits_to_keep, int) else 0
+        paged = is_paged_cache(pick_cache(cache, past_key_values))  # continuous batching: the model keeps the rows
+        cross_positions = logits_to_keep if paged or (labels is None and isinstance(logits_to_keep, int)) else 0
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1308,7 +1416,9 @@ class YocoForCausalLM(YocoPreTrainedModel, GenerationMixin):
             logits_to_keep=cross_positions,
             **kwargs,
         )
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        hidden_states = outputs.last_hidden_state
+        if not paged:
+            hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)
         loss, logits = causal_lm_head_and_loss(self, hidden_states, labels, skip_logits, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss,
