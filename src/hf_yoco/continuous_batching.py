@@ -217,6 +217,17 @@ def _make_allocators() -> dict[str, type]:
         def fill_block_table(self, request_id, past_length, query_length, block_table) -> None:
             raise NotImplementedError("BlockKVAllocator has no kernel block table (supports_block_table=False)")
 
+        def read_entries(self, layer_idx: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """K and V `[n, H_kv, head_dim]` of the block entries at physical `index` (from `read_index`)."""
+            keys, values = self._kv_token_views[layer_idx]
+            return keys.index_select(0, index), values.index_select(0, index)
+
+        def write_entries(self, layer_idx: int, index: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+            """Store K and V `[n, H_kv, head_dim]` of new block entries at physical `index` (from `write_index`)."""
+            key_view, value_view = self._kv_token_views[layer_idx]
+            key_view.index_copy_(0, index, keys.to(key_view.dtype))
+            value_view.index_copy_(0, index, values.to(value_view.dtype))
+
     return {
         RETENTION_STATE: RetentionStateAllocator,
         BLOCK_KV: BlockKVAllocator,

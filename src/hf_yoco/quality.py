@@ -267,9 +267,15 @@ def run_study(settings: StudySettings, output_dir: Path, data_dir: Path, models_
             for seed in seeds:
                 name = f"{scale_name}/{architecture}" + (f"-seed{seed}" if seed else "")
                 print(f"== {name}", flush=True)
-                model, record = train_one(config, seed, scale.steps, settings, tokenizer, train_set, eval_sets,
-                                          models_dir / scale_name / name.split("/")[1])  # fmt: skip
-                record["decode_tokens_per_s"] = decode_tokens_per_second(model, settings)
+                out = models_dir / scale_name / name.split("/")[1]
+                done = out / "run.json"  # a finished run of the same settings is reused (resume after a stop)
+                record = json.loads(done.read_text()) if done.is_file() else None
+                if record is None or record.get("settings") != json.loads(json.dumps(asdict(settings))):
+                    model, record = train_one(config, seed, scale.steps, settings, tokenizer, train_set, eval_sets,
+                                              out)  # fmt: skip
+                    record["decode_tokens_per_s"] = decode_tokens_per_second(model, settings)
+                    done.write_text(json.dumps({**record, "settings": asdict(settings)}, indent=1))
+                record.pop("settings", None)
                 results["runs"][name] = record
                 print(
                     f"   eval loss {record['eval_loss_mean']:.3f}  {record['train_tokens_per_s']:.0f} tok/s",

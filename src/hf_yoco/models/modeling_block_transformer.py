@@ -67,6 +67,7 @@ from .modeling_common import (
     check_labels,
     check_model_inputs,
     find_packed_sequences,
+    is_paged_cache,
     output_cache,
     pick_cache,
     storage_bytes,
@@ -737,6 +738,10 @@ class BlockTransformerModel(BlockTransformerPreTrainedModel):
         `cache` (older name: `past_key_values`; `cache` wins if both are given) is continued and returned under the
         name the installed transformers uses."""
         cache = pick_cache(cache, past_key_values)
+        if is_paged_cache(cache):
+            return BaseModelOutputWithPast(
+                last_hidden_state=self._paged_forward(input_ids, cache, logits_to_keep, kwargs)
+            )
         if inputs_embeds is not None or input_ids is None:
             raise ValueError(
                 "BlockTransformerModel needs `input_ids` (and does not accept `inputs_embeds`): the embedder and the "
@@ -875,6 +880,108 @@ class BlockTransformerModel(BlockTransformerPreTrainedModel):
             1, ((positions[None] - num_pads[:, None]) % length)[..., None].expand(-1, -1, hidden_states.shape[-1])
         )
         return slice_logits_to_keep(hidden_states, logits_to_keep)
+
+    # -- continuous batching ------------------------------------------------------------------------------------------
+
+    def _paged_forward(self, input_ids: torch.Tensor, cache, logits_to_keep, engine_kwargs: dict) -> torch.Tensor:
+        """One step of transformers' continuous-batching engine (`generate_batch`, `transformers serve`): the new
+        tokens of every request packed in one row `[1, N]`. The engine pages the block decoder's K/V (one entry per
+        completed block) and gives each request a slot for its local token-decoder K/V and pending token ids
+        (`hf_yoco.continuous_batching`). Each request's state is loaded into a `BlockTransformerCache`, run through
+        the same code as `generate()` (fresh requests: one left-padded prefill; others: decode steps), and stored
+        back; returns the states predicting the next tokens, `[1, N or kept, D]`."""
+        blocks = cache.cache_allocators["block_attention"]
+        local = cache.cache_allocators["block_local_state"]
+        cu_q = engine_kwargs["cu_seq_lens_q"].tolist()
+        seen = engine_kwargs["cu_seq_lens_k"][local.layer_type].diff().tolist()  # past + new tokens per request
+        entries_cu = engine_kwargs["cu_seq_lens_k"][blocks.layer_type].tolist()  # completed blocks, cumulative
+        slots = engine_kwargs["write_index"][local.index].tolist()
+        ids = input_ids[0].long()
+        requests = [  # (position in the batch, first token, new tokens, past tokens, slot, first read entry)
+            (r, cu_q[r], cu_q[r + 1] - cu_q[r], seen[r] - (cu_q[r + 1] - cu_q[r]), slots[cu_q[r]], entries_cu[r])
+            for r in range(len(cu_q) - 1)
+            if cu_q[r + 1] > cu_q[r]
+        ]
+        hidden_states = self.start_context.new_zeros(1, ids.shape[0], self.config.hidden_size)
+        new_entries: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+        fresh = [req for req in requests if req[3] == 0]
+        if fresh:  # prompts (or their first chunk): one prefill, left-padded to the longest
+            width = max(req[2] for req in fresh)
+            padded = ids.new_zeros(len(fresh), width)
+            mask = ids.new_zeros(len(fresh), width)
+            for i, (_, start, length, *_rest) in enumerate(fresh):
+                padded[i, width - length :] = ids[start : start + length]
+                mask[i, width - length :] = 1
+            state = BlockTransformerCache(self.config)
+            last = self._prefill(padded, mask, state, logits_to_keep=1)  # [B, 1, D]
+            for i, (_, start, length, *_rest) in enumerate(fresh):
+                hidden_states[0, start + length - 1] = last[i, 0]
+            self._store_paged(state, fresh, local, new_entries)
+        steps = [req for req in requests if req[3] > 0]
+        decode = [req for req in steps if req[2] == 1]
+        groups = ([decode] if decode else []) + [[req] for req in steps if req[2] > 1]  # chunks: one by one
+        for group in groups:  # continuing requests: decode steps from their stored state
+            state = self._load_paged(group, blocks, local, engine_kwargs["read_index"][blocks.index])
+            rows = torch.stack([ids[start : start + length] for _, start, length, *_rest in group])  # [B, T]
+            states = self._decode(rows, state)  # [B, T, D]
+            for i, (_, start, length, *_rest) in enumerate(group):
+                hidden_states[0, start : start + length] = states[i]
+            self._store_paged(state, group, local, new_entries)
+
+        write = engine_kwargs["write_index"][blocks.index]
+        if write.numel():  # every completed block's K/V, in the engine's order (request by request)
+            ordered = [new_entries[r] for r in sorted(new_entries)]
+            for j, layer_idx in enumerate(blocks.layer_indices):
+                keys = torch.cat([entries[j][0] for entries in ordered])
+                values = torch.cat([entries[j][1] for entries in ordered])
+                blocks.write_entries(layer_idx, write[: keys.shape[0]], keys, values)
+        return slice_logits_to_keep(hidden_states, logits_to_keep)
+
+    def _no_entries(self) -> torch.Tensor:
+        return self.start_context.new_zeros(0, self.config.num_key_value_heads, self.config.head_dim)
+
+    def _load_paged(self, group: list[tuple], blocks, local, read_index: torch.Tensor) -> BlockTransformerCache:
+        """A `BlockTransformerCache` holding the stored state of the requests in `group` (see `_paged_forward`)."""
+        L = self.config.block_length
+        state = BlockTransformerCache(self.config)
+        past = torch.tensor([req[3] for req in group], device=read_index.device)
+        counts = [req[3] // L for req in group]  # completed blocks before this step
+        for layer, layer_idx in zip(state.block_layers, blocks.layer_indices):
+            keys = self.start_context.new_zeros(len(group), self.config.num_key_value_heads, max(counts),
+                                                self.config.head_dim)  # fmt: skip
+            values = torch.zeros_like(keys)
+            for i, (req, count) in enumerate(zip(group, counts)):
+                if count:  # [n, H_kv, head_dim] -> [H_kv, n, head_dim]
+                    k, v = blocks.read_entries(layer_idx, read_index[req[5] : req[5] + count])
+                    keys[i, :, :count], values[i, :, :count] = k.transpose(0, 1), v.transpose(0, 1)
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+        slot_ids = torch.tensor([req[4] for req in group], device=read_index.device)
+        for layer, layer_idx in zip(state.local_layers, local.layer_indices):
+            kv = local.local_kv(layer_idx)[slot_ids]  # [B, 2, H_kv, S, head_dim]
+            layer.lazy_initialization(kv[:, 0], kv[:, 1])
+            layer.keys, layer.values = kv[:, 0], kv[:, 1]
+        state.start(local.pending_tokens()[slot_ids, : L - 1], past, int(past.max()))
+        return state
+
+    def _store_paged(self, state: BlockTransformerCache, group: list[tuple], local, new_entries: dict) -> None:
+        """Store the requests' local K/V and pending ids in their slots; collect the K/V of the blocks completed in
+        this step into `new_entries` (written in the engine's order by `_paged_forward`)."""
+        L = self.config.block_length
+        for i, (r, _, length, past, *_rest) in enumerate(group):
+            first, end = past // L, (past + length) // L
+            new_entries[r] = [  # per layer: [n, H_kv, head_dim] (none before a prompt's first complete block)
+                (layer.keys[i, :, first:end].transpose(0, 1), layer.values[i, :, first:end].transpose(0, 1))
+                if end > first
+                else (self._no_entries(), self._no_entries())
+                for layer in state.block_layers
+            ]
+        slot_ids = torch.tensor([req[4] for req in group], device=state.num_tokens.device)
+        for layer, layer_idx in zip(state.local_layers, local.layer_indices):
+            local.local_kv(layer_idx)[slot_ids] = torch.stack([layer.keys, layer.values], dim=1)
+        if L > 1:
+            local.pending_tokens()[slot_ids, : L - 1] = state.pending_tokens
 
     # -- incremental decoding ----------------------------------------------------------------------------------------
 

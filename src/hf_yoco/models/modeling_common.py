@@ -483,9 +483,10 @@ def attention_forward(
         and (attention_mask is None or attention_mask.shape[-2] == 1)
     ):
         return sdpa_grouped_query_decode(query, key, value, attention_mask, scaling), None
-    interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-        module.config._attn_implementation, eager_attention_forward
-    )
+    implementation = module.config._attn_implementation
+    if implementation == "paged|eager":  # the same math; transformers <= 5.23's version also updates the cache,
+        implementation = "eager"  # which our layers already did (`cache_update`)
+    interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
     return interface(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
