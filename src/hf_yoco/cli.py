@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("hf_yoco.data", "build the offline training corpus, tokenizer and packed blocks"),
     "train": ("hf_yoco.training", "train or fine-tune (full or LoRA) a model with the stock Trainer"),
     "compare": ("hf_yoco.quality", "train Llama, YOCO and the Block Transformer on equal budgets and compare them"),
+    "serve": (
+        "hf_yoco.serving",
+        "transformers' OpenAI-compatible server (`transformers serve`) for hf_yoco checkpoints",
+    ),
 }
 EXIT_USAGE = 2
 # What a user can get wrong: invalid values (ValueError and its subclasses, hf_yoco's CheckpointError among them) and
@@ -104,7 +108,12 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not hasattr(args, "serve_args"):  # `serve` hands every option it does not know to transformers
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown:
+        args.serve_args = unknown + args.serve_args
     try:
         return getattr(importlib.import_module(args._module), args._run)(args) or 0
     except USER_ERRORS as error:
