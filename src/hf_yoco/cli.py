@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("hf_yoco.data", "build the offline training corpus, tokenizer and packed blocks"),
     "train": ("hf_yoco.training", "train or fine-tune (full or LoRA) a model with the stock Trainer"),
     "compare": ("hf_yoco.quality", "train Llama, YOCO and the Block Transformer on equal budgets and compare them"),
+    "distill": ("hf_yoco.distill", "YOCO-fy a pretrained Llama-architecture model and distill it from the original"),
     "serve": (
         "hf_yoco.serving",
         "transformers' OpenAI-compatible server (`transformers serve`) for hf_yoco checkpoints",

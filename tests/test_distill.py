@@ -1,0 +1,85 @@
+"""`hf-yoco distill`: the smoke run converts a tiny Llama, distils it with the stock Trainer, evaluates and saves a
+loadable YOCO model with its card; the loss, the trained parameter set, resume and the KV arithmetic are right."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from hf_yoco.cli import main
+from hf_yoco.convert import yocofy_llama
+from hf_yoco.distill import distillation_loss, kv_cache_bytes, trainable_names
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("distill")
+    assert main(["distill", "--smoke", "--no-progress", "--output-dir", str(out / "run"),
+                 "--results-dir", str(out / "results")]) == 0  # fmt: skip
+    return out
+
+
+def test_smoke_run_saves_a_loadable_yoco_model_with_its_card_and_numbers(smoke_run):
+    results = json.loads((smoke_run / "run" / "distill.json").read_text())
+    for key in ("teacher_ppl", "converted_ppl", "distilled_ppl"):
+        assert results[key]["the-tempest"] > 1
+    assert results["steps"] == 3 and results["training_tokens"] == 3 * 4 * 32
+    assert any("kl" in entry for entry in results["curve"]) and any("eval_loss" in e for e in results["curve"])
+    assert results["kv_cache_8k"]["saving"] > 1
+    model = AutoModelForCausalLM.from_pretrained(smoke_run / "run" / "model")
+    assert model.config.model_type == "hf_yoco" and model.config.sliding_window == 16
+    card = (smoke_run / "run" / "model" / "README.md").read_text()
+    assert "perplexity (the-tempest), distilled" in card and "hf-yoco distill" in card
+    assert {p.name for p in (smoke_run / "results").iterdir()} == {"distill.json", "MODEL_CARD.md", "curve.png"}
+    assert not list((smoke_run / "results").glob("*.safetensors"))  # results never hold weights
+
+
+def test_an_existing_run_needs_resume(smoke_run, capsys):
+    assert main(["distill", "--smoke", "--no-progress", "--output-dir", str(smoke_run / "run")]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["distill", "--smoke", "--no-progress", "--resume", "--max-steps", "4", "--output-dir",
+                 str(smoke_run / "run")]) == 0  # fmt: skip
+    assert json.loads((smoke_run / "run" / "distill.json").read_text())["steps"] == 4  # 2 saved + 2 more
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def test_trainable_parameters_are_what_the_conversion_changed():
+    student = yocofy_llama(tiny_llama(), "sliding_window", 8)
+    names = set(trainable_names(student))
+    assert {"model.global_kv.norm.weight", "model.global_kv.k_proj.weight", "model.global_kv.v_proj.weight"} <= names
+    for i in (2, 3):
+        for part in ("cross_attn.q_proj", "cross_attn.o_proj", "input_layernorm"):
+            assert f"model.layers.{i}.{part}.weight" in names
+    assert not [n for n in names if n.startswith(("model.layers.0.", "model.layers.1.", "model.embed"))]
+    assert not [n for n in names if ".mlp." in n or "post_attention_layernorm" in n]
+
+
+def test_distillation_loss_is_the_kl_plus_the_lm_share():
+    torch.manual_seed(0)
+    teacher, student = torch.randn(2, 6, 11), torch.randn(2, 6, 11)
+    labels = torch.randint(0, 11, (2, 6))
+    labels[0, 4:] = -100
+    loss, kl = distillation_loss(teacher, teacher, labels, 0.9, 2.0, torch.tensor(3.0))
+    assert kl.abs() < 1e-6 and torch.allclose(loss, torch.tensor(0.3))
+    _, kl = distillation_loss(student, teacher, labels, 1.0, 1.0, torch.tensor(0.0))
+    valid = labels[:, 1:] != -100
+    p = teacher[:, :-1][valid].log_softmax(-1)
+    q = student[:, :-1][valid].log_softmax(-1)
+    expected = (p.exp() * (p - q)).sum(-1).mean()
+    assert torch.allclose(kl, expected, atol=1e-6)
+
+
+def test_kv_cache_arithmetic():
+    config = yocofy_llama(tiny_llama(), "sliding_window", 8).config
+    row = 2 * 2 * 8 * 4  # K and V, 2 kv heads, head 8, fp32
+    assert kv_cache_bytes(config, 100, yoco=False) == 4 * 100 * row
+    assert kv_cache_bytes(config, 100, yoco=True) == 100 * row + 2 * 7 * row
