@@ -690,6 +690,68 @@ def yocofy_llama(
     return model.to(llama.dtype).eval()
 
 
+@torch.no_grad()
+def calibrate_shared_kv(llama: PreTrainedModel, yoco: YocoForCausalLM, input_ids: torch.Tensor) -> dict[int, dict]:
+    """Make each cross layer of a YOCO-fied model read the shared K/V as it read its own (in place; least squares).
+
+    After `yocofy_llama`, cross layer `i > L/2` attends to layer `L/2`'s keys and values instead of its own. On
+    calibration text `input_ids` `[B, T]` (T at most the sliding window, so the self-decoder equals the original),
+    per key/value head: the values get a `D x D` map `X = argmin |V_shared X - V_i|`, folded into `o_proj` (attention
+    is linear in the values); the keys get one complex scale per RoPE frequency pair (the maps that commute with the
+    rotation), folded into `q_proj`. Returns the relative residual of each fit per layer.
+    """
+    config = yoco.config
+    if config.self_decoder_type != "sliding_window":
+        raise ValueError(
+            "calibration needs a sliding-window self-decoder (gated retention changes the lower half too)"
+        )
+    if input_ids.shape[1] > config.sliding_window:
+        raise ValueError(
+            f"calibration sequences must fit the window ({config.sliding_window}), got {input_ids.shape[1]}"
+        )
+    half, heads, kv_heads, dim = (config.num_hidden_layers // 2, config.num_attention_heads,
+                                  config.num_key_value_heads, config.head_dim)  # fmt: skip
+    captured: dict[tuple[int, str], torch.Tensor] = {}
+    hooks = [
+        getattr(llama.model.layers[i].self_attn, f"{kind}_proj").register_forward_hook(
+            lambda _m, _i, out, key=(i, kind): captured.__setitem__(key, out.reshape(-1, kv_heads, dim).float())
+        )
+        for i in range(half, config.num_hidden_layers)
+        for kind in ("k", "v")
+    ]
+    try:
+        llama(input_ids.to(llama.device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    shared_k, shared_v = captured[(half, "k")], captured[(half, "v")]  # [N, H_kv, D], before RoPE
+    as_complex = lambda x: torch.complex(x[..., : dim // 2], x[..., dim // 2 :])  # noqa: E731  RoPE pairs (j, j+D/2)
+    zs = as_complex(shared_k)
+    residuals = {}
+    for i in range(half + 1, config.num_hidden_layers):
+        attention = yoco.model.layers[i].cross_attn
+        q_weight = attention.q_proj.weight.data.float().view(heads, dim, -1)  # [H, D, d]
+        o_weight = attention.o_proj.weight.data.float().view(-1, heads, dim)  # [d, H, D]
+        zi = as_complex(captured[(i, "k")])
+        scale = (zs.conj() * zi).sum(0) / zs.abs().pow(2).sum(0).clamp_min(1e-12)  # [H_kv, D/2]: k_i ~ c * k_shared
+        value_maps = [torch.linalg.lstsq(shared_v[:, h], captured[(i, "v")][:, h]).solution for h in range(kv_heads)]
+        for head in range(heads):
+            h = head // (heads // kv_heads)
+            a, b = scale[h].real[:, None], scale[h].imag[:, None]  # q' = conj(c) q, per frequency pair
+            first, second = q_weight[head, : dim // 2].clone(), q_weight[head, dim // 2 :].clone()
+            q_weight[head, : dim // 2] = a * first + b * second
+            q_weight[head, dim // 2 :] = a * second - b * first
+            o_weight[:, head] = o_weight[:, head] @ value_maps[h].T
+        attention.q_proj.weight.data.copy_(q_weight.view_as(attention.q_proj.weight))
+        attention.o_proj.weight.data.copy_(o_weight.view_as(attention.o_proj.weight))
+        fitted_v = torch.stack([shared_v[:, h] @ value_maps[h] for h in range(kv_heads)], 1)
+        residuals[i] = {
+            "keys": float((zs * scale - zi).abs().norm() / zi.abs().norm()),
+            "values": float((fitted_v - captured[(i, "v")]).norm() / captured[(i, "v")].norm()),
+        }
+    return residuals
+
+
 # ------------------------------------------------------------------------------------------------------------- CLI
 
 

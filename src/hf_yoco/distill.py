@@ -188,7 +188,7 @@ def retrieval(model, tokenizer, haystack: str, lengths: list[int], trials: int, 
 
 def distill(args: argparse.Namespace) -> dict[str, Any]:
     from .checkpoints import atomic_directory
-    from .convert import yocofy_llama
+    from .convert import calibrate_shared_kv, yocofy_llama
     from .data import (
         AUSTEN_NOVELS,
         build_austen_corpus,
@@ -228,6 +228,14 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
     student = yocofy_llama(teacher, "sliding_window", args.sliding_window)
     results["converted_ppl"] = evaluate(student, eval_texts, args.eval_window, progress)
     print(f"perplexity: original {results['teacher_ppl']}, converted {results['converted_ppl']}", flush=True)
+    dataset = build_lm_dataset(train_files, tokenizer, block_size=args.seq_len, eval_fraction=0.02)
+    if args.calibration_tokens:  # least-squares start: cross layers read the shared K/V as they read their own
+        length = min(args.seq_len, args.sliding_window)
+        rows = [ids[:length] for ids in dataset["train"].shuffle(seed=0)[: math.ceil(args.calibration_tokens / length)]
+                ["input_ids"]]  # fmt: skip
+        results["calibration_residuals"] = calibrate_shared_kv(teacher, student, torch.tensor(rows))
+        results["calibrated_ppl"] = evaluate(student, eval_texts, args.eval_window, progress)
+        print(f"perplexity after calibration {results['calibrated_ppl']}", flush=True)
 
     if args.lora_rank:
         from peft import LoraConfig, get_peft_model
@@ -242,8 +250,8 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
         parameter.requires_grad_(name in trainable)
     results["trainable_parameters"] = sum(p.numel() for p in student.parameters() if p.requires_grad)
 
-    dataset = build_lm_dataset(train_files, tokenizer, block_size=args.seq_len, eval_fraction=0.02)
-    trainer = make_trainer(student, teacher, args, dataset["train"], dataset["test"], tokenizer, output_dir)
+    held_out = dataset["test"].select(range(min(len(dataset["test"]), args.eval_blocks)))
+    trainer = make_trainer(student, teacher, args, dataset["train"], held_out, tokenizer, output_dir)
     checkpoints = list((output_dir / "checkpoints").glob("checkpoint-*"))
     if checkpoints and not args.resume:
         raise ValueError(f"{output_dir}/checkpoints holds a run already: pass --resume to continue it, or choose "
@@ -288,13 +296,19 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
         f"{results['trainable_parameters']:,} trained parameters (global K/V, cross-decoder q/o and norms"
         + (f", LoRA r={args.lora_rank} on the cross-decoder MLPs" if args.lora_rank else "")
         + "). "
-        f"Sliding window {args.sliding_window}. Needle retrieval (depth 0.1, {args.retrieval_trials} trials): "
+        + (
+            f"Start: least-squares calibration of the cross layers on {args.calibration_tokens} tokens. "
+            if args.calibration_tokens
+            else ""
+        )
+        + f"Sliding window {args.sliding_window}. Needle retrieval (depth 0.1, {args.retrieval_trials} trials): "
         f"original {results['retrieval']['original']}, YOCO {results['retrieval']['distilled']}. "
         f"K/V cache at 8K tokens: {llama_bytes / 2**20:.0f} MiB -> {yoco_bytes / 2**20:.0f} MiB "
         f"({results['kv_cache_8k']['saving']:.1f}x smaller)."
     )
     eval_results = {f"perplexity ({name}), original": v for name, v in results["teacher_ppl"].items()}
     eval_results |= {f"perplexity ({name}), converted": v for name, v in results["converted_ppl"].items()}
+    eval_results |= {f"perplexity ({name}), calibrated": v for name, v in results.get("calibrated_ppl", {}).items()}
     eval_results |= {f"perplexity ({name}), distilled": v for name, v in results["distilled_ppl"].items()}
     card = create_model_card(
         student, description=f"A YOCO model (sliding-window self-decoder, one global K/V) distilled from {teacher_name}.",
@@ -351,7 +365,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smoke", action="store_true", help="a tiny random Llama teacher, a few steps (seconds)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     parser.add_argument("--sliding-window", type=positive_int, default=1024)
-    parser.add_argument("--max-steps", type=positive_int, default=150)
+    parser.add_argument("--max-steps", type=positive_int, default=200)
     parser.add_argument("--seq-len", type=positive_int, default=512)
     parser.add_argument("--batch-size", type=positive_int, default=4)
     parser.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
@@ -365,6 +379,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--logging-steps", type=positive_int, default=5)
     parser.add_argument("--eval-steps", type=positive_int, default=50)
     parser.add_argument("--save-steps", type=positive_int, default=50)
+    parser.add_argument(
+        "--calibration-tokens",
+        type=non_negative_int,
+        default=4096,
+        help="tokens for the least-squares start of the cross layers (0: plain conversion)",
+    )
+    parser.add_argument("--eval-blocks", type=positive_int, default=16, help="held-out training blocks per evaluation")
     parser.add_argument("--eval-tokens", type=positive_int, default=8192, help="held-out tokens per text")
     parser.add_argument("--eval-window", type=positive_int, default=2048, help="perplexity window (stride: half)")
     parser.add_argument("--retrieval-lengths", type=positive_int, nargs="*", default=[2048, 4096])
@@ -374,7 +395,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.smoke:  # tiny everything unless set explicitly
-        defaults = dict(max_steps=150, seq_len=512, eval_tokens=8192, eval_window=2048, retrieval_lengths=[2048, 4096],
+        defaults = dict(max_steps=200, seq_len=512, eval_tokens=8192, eval_window=2048, retrieval_lengths=[2048, 4096],
                         sliding_window=1024, eval_steps=50, save_steps=50, logging_steps=5)  # fmt: skip
         smoke = dict(max_steps=3, seq_len=32, eval_tokens=256, eval_window=64, retrieval_lengths=[96],
                      sliding_window=16, eval_steps=2, save_steps=2, logging_steps=1)  # fmt: skip
