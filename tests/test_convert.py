@@ -10,7 +10,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_yoco import output_cache
 from hf_yoco.cli import main as cli_main
-from hf_yoco.convert import convert_official_yoco, official_yoco_config, official_yoco_key_map, yocofy_llama
+from hf_yoco.convert import (
+    calibrate_shared_kv,
+    convert_official_yoco,
+    official_yoco_config,
+    official_yoco_key_map,
+    yocofy_llama,
+)
 
 pytestmark = pytest.mark.transformers_compat
 
@@ -212,3 +218,36 @@ def test_yocofy_cli_round_trip(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "yoco")
     assert model.config.model_type == "hf_yoco" and model.config.sliding_window == 8
+
+
+@torch.no_grad()
+def test_calibration_recovers_a_cross_layer_whose_kv_is_a_map_of_the_shared_one():
+    """Layer 3 reads layer 2's input (layer 2 adds nothing) with keys = a complex scale per RoPE pair of layer 2's and
+    values = a per-head linear map of layer 2's: after calibration the YOCO model equals the Llama exactly."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)  # fmt: skip
+    llama = LlamaForCausalLM(config).eval()
+    second, third = llama.model.layers[2], llama.model.layers[3]
+    second.self_attn.o_proj.weight.zero_()
+    second.mlp.down_proj.weight.zero_()  # layer 3's input = layer 2's input
+    third.input_layernorm.weight.copy_(second.input_layernorm.weight)
+    dim, half = 16, 8
+    k2 = second.self_attn.k_proj.weight.view(2, dim, -1)
+    v2 = second.self_attn.v_proj.weight.view(2, dim, -1)
+    scale = torch.complex(torch.randn(2, half), torch.randn(2, half))[..., None]  # k3 = c * k2 per pair
+    a, b = scale.real, scale.imag
+    k3 = torch.cat([a * k2[:, :half] - b * k2[:, half:], a * k2[:, half:] + b * k2[:, :half]], dim=1)
+    maps = torch.randn(2, dim, dim)  # v3 = M v2 per head
+    third.self_attn.k_proj.weight.copy_(k3.reshape(-1, 64))
+    third.self_attn.v_proj.weight.copy_(torch.einsum("hij,hjd->hid", maps, v2).reshape(-1, 64))
+
+    ids = torch.randint(0, 64, (2, 12))
+    expected = llama(ids).logits
+    yoco = yocofy_llama(llama, "sliding_window", 16)
+    assert not torch.allclose(yoco(ids).logits, expected, atol=1e-3)
+    residuals = calibrate_shared_kv(llama, yoco, torch.randint(0, 64, (4, 16)))
+    assert residuals[3]["keys"] < 1e-4 and residuals[3]["values"] < 1e-4
+    torch.testing.assert_close(yoco(ids).logits, expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="window"):
+        calibrate_shared_kv(llama, yoco, torch.randint(0, 64, (1, 17)))
