@@ -196,7 +196,9 @@ CLI_CASES = [
     ("bench: unknown device", ["bench", "--device", "tpu"], r"--device must be cpu, cuda or cuda:N, got 'tpu'"),
     ("bench: --quick against --preset", ["bench", "--quick", "--preset", "gpu"], r"--quick and --preset gpu disagree"),
     ("bench: unknown dtype", ["bench", "--dtype", "fp8"], r"--dtype: invalid choice: 'fp8'"),
-    ("unknown command", ["serve"], r"invalid choice: 'serve'"),
+    ("distill: KL weight above 1", ["distill", "--output-dir", "{tmp}/d", "--kl-weight", "2"], r"--kl-weight: must be between 0 and 1"),
+    ("distill: no output folder", ["distill", "--smoke"], r"the following arguments are required: --output-dir"),
+    ("unknown command", ["launch"], r"invalid choice: 'launch'"),
 ]  # fmt: skip
 
 

@@ -174,3 +174,10 @@ def test_expose_to_transformers_makes_the_classes_loadable_by_name():
     expose_to_transformers()
     for name in SERVABLE:
         assert getattr(transformers, name) is getattr(hf_yoco, name)
+
+
+def test_a_bad_option_is_refused_before_anything_starts(capsys):
+    from hf_yoco.cli import main
+
+    assert main(["serve", "--no-such-option"]) == 2
+    assert "No such option" in capsys.readouterr().err
