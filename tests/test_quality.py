@@ -60,3 +60,18 @@ def test_smoke_study_writes_its_reports(tmp_path, monkeypatch):
         tmp_path / "out" / "results.md"
     ).read_text()
     assert (tmp_path / "models" / "main" / "yoco-gret" / "model.safetensors").exists()
+
+    # the passkey test of the trained small-scale models, and a second run reusing every finished model
+    assert main(["compare", "--smoke", "--passkey", "--output-dir", "out", "--models-dir", "models",
+                 "--data-dir", str(data_dir)]) == 0  # fmt: skip
+    passkey = json.loads((tmp_path / "out" / "passkey.json").read_text())
+    assert set(passkey["models"]) == {"llama", "window-only"}
+    assert all(0 <= run["key_accuracy"] <= 1 for run in passkey["models"].values())
+    assert "| window-only |" in (tmp_path / "out" / "passkey.md").read_text()
+    stamp = (tmp_path / "models" / "main" / "llama" / "model.safetensors").stat().st_mtime_ns
+    assert (
+        main(["compare", "--smoke", "--output-dir", "out2", "--models-dir", "models", "--data-dir", str(data_dir)])
+        == 0
+    )
+    assert (tmp_path / "models" / "main" / "llama" / "model.safetensors").stat().st_mtime_ns == stamp  # reused
+    assert json.loads((tmp_path / "out2" / "results.json").read_text())["runs"] == results["runs"]

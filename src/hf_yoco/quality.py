@@ -64,6 +64,13 @@ class StudySettings:
     decode_batch: int = 8
     decode_prompt: int = 128
     decode_tokens: int = 48
+    # passkey fine-tune of the small-scale models (`--passkey`): sequence length (beyond the window-only model's
+    # receptive field, layers x (window - 1) + 1), steps, batch, learning rate, held-out samples
+    passkey_length: int = 384
+    passkey_steps: int = 200
+    passkey_batch: int = 8
+    passkey_learning_rate: float = 5e-4
+    passkey_samples: int = 128
     scales: dict[str, Scale] = field(
         default_factory=lambda: {
             "main": Scale(256, 8, 4, 2, 500, ("llama", "yoco-swa", "yoco-gret", "block", "block-large")),
@@ -76,6 +83,7 @@ class StudySettings:
         return cls(
             vocab_size=300, block_size=32, sliding_window=8, eval_blocks=2, evaluations=2, batch_size=2,
             warmup_steps=1, max_corpus_chars=20_000, decode_batch=2, decode_prompt=8, decode_tokens=4,
+            passkey_length=128, passkey_steps=2, passkey_batch=2, passkey_samples=4,
             scales={"main": Scale(32, 2, 2, 1, 4, ("llama", "yoco-swa", "yoco-gret", "block"), (0, 1)),
                     "small": Scale(16, 2, 2, 1, 2, ("llama", "window-only"))},
         )  # fmt: skip
@@ -255,6 +263,11 @@ def decode_tokens_per_second(model, settings: StudySettings) -> float:
     return settings.decode_batch * settings.decode_tokens / (time.perf_counter() - start)
 
 
+def training_settings(settings: StudySettings) -> dict[str, Any]:
+    """The settings a trained run depends on (as JSON reads them back): a finished run is reused only if they match."""
+    return json.loads(json.dumps({k: v for k, v in asdict(settings).items() if not k.startswith("passkey_")}))
+
+
 def run_study(settings: StudySettings, output_dir: Path, data_dir: Path, models_dir: Path) -> dict[str, Any]:
     tokenizer, train_set, eval_sets = study_data(settings, data_dir)
     results: dict[str, Any] = {"settings": asdict(settings), "corpora": {n: len(s) for n, s in eval_sets.items()},
@@ -270,11 +283,11 @@ def run_study(settings: StudySettings, output_dir: Path, data_dir: Path, models_
                 out = models_dir / scale_name / name.split("/")[1]
                 done = out / "run.json"  # a finished run of the same settings is reused (resume after a stop)
                 record = json.loads(done.read_text()) if done.is_file() else None
-                if record is None or record.get("settings") != json.loads(json.dumps(asdict(settings))):
+                if record is None or record.get("settings") != training_settings(settings):
                     model, record = train_one(config, seed, scale.steps, settings, tokenizer, train_set, eval_sets,
                                               out)  # fmt: skip
                     record["decode_tokens_per_s"] = decode_tokens_per_second(model, settings)
-                    done.write_text(json.dumps({**record, "settings": asdict(settings)}, indent=1))
+                    done.write_text(json.dumps({**record, "settings": training_settings(settings)}, indent=1))
                 record.pop("settings", None)
                 results["runs"][name] = record
                 print(
@@ -288,6 +301,102 @@ def run_study(settings: StudySettings, output_dir: Path, data_dir: Path, models_
     (output_dir / "results.md").write_text(markdown(results))
     plot(results, output_dir / "curves.png")
     return results
+
+
+# ------------------------------------------------------------------------------------------------------- passkey
+
+PASSKEY_DIGITS = 4
+
+
+def passkey_batch(tokenizer, filler_blocks, count: int, length: int, generator: torch.Generator):
+    """`count` sequences of `length` tokens: "The pass key is d d d d." at the start, real text (random training or
+    held-out blocks) as filler, "What is the pass key? The pass key is d d d d" at the end; labels on the four answer
+    digits only (each digit a single byte-level token)."""
+    digit_ids = torch.tensor([tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)])
+    intro = tokenizer(" The pass key is ", add_special_tokens=False).input_ids
+    outro = tokenizer(". ", add_special_tokens=False).input_ids
+    question = tokenizer(" What is the pass key? The pass key is ", add_special_tokens=False).input_ids
+    filler_length = length - len(intro) - len(outro) - len(question) - 2 * PASSKEY_DIGITS
+    if filler_length < 1:
+        raise ValueError(f"passkey_length {length} leaves no room for filler text")
+    rows, labels = [], []
+    for _ in range(count):
+        digits = digit_ids[torch.randint(0, 10, (PASSKEY_DIGITS,), generator=generator)].tolist()
+        filler = []
+        while len(filler) < filler_length:
+            filler += filler_blocks[int(torch.randint(0, len(filler_blocks), (1,), generator=generator))]["input_ids"]
+        row = intro + digits + outro + filler[:filler_length] + question + digits
+        rows.append(row)
+        labels.append([-100] * (length - PASSKEY_DIGITS) + digits)
+    return torch.tensor(rows), torch.tensor(labels)
+
+
+def passkey_test(settings: StudySettings, data_dir: Path, models_dir: Path, scale_name: str = "small") -> dict:
+    """Fine-tune each trained model of `scale_name` on passkeys beyond the window, then score held-out keys."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer, train_set, eval_sets = study_data(settings, data_dir)
+    from datasets import concatenate_datasets
+
+    held_out = concatenate_datasets(list(eval_sets.values()))
+    test_ids, test_labels = passkey_batch(tokenizer, held_out, settings.passkey_samples, settings.passkey_length,
+                                          torch.Generator().manual_seed(1234))  # fmt: skip
+    scale = settings.scales[scale_name]
+    results = {"scale": scale_name, "length": settings.passkey_length, "steps": settings.passkey_steps,
+               "window": settings.sliding_window,
+               "window_only_receptive_field": scale.num_layers * (settings.sliding_window - 1) + 1,
+               "models": {}}  # fmt: skip
+    for folder in sorted((models_dir / scale_name).iterdir()):
+        if not (folder / "config.json").is_file():
+            continue
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.passkey_learning_rate, weight_decay=0.0)
+        generator = torch.Generator().manual_seed(0)
+        model.train()
+        start = time.perf_counter()
+        losses = []
+        for _ in range(settings.passkey_steps):
+            ids, labels = passkey_batch(tokenizer, train_set, settings.passkey_batch, settings.passkey_length,
+                                        generator)  # fmt: skip
+            loss = model(ids, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        model.eval()
+        with torch.no_grad():
+            predictions = model(test_ids).logits[:, -PASSKEY_DIGITS - 1 : -1].argmax(-1)  # logits at t predict t+1
+        correct = predictions == test_labels[:, -PASSKEY_DIGITS:]
+        results["models"][folder.name] = {
+            "model_type": model.config.model_type,
+            "digit_accuracy": correct.float().mean().item(),
+            "key_accuracy": correct.all(-1).float().mean().item(),
+            "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+            "seconds": time.perf_counter() - start,
+        }
+        print(f"   passkey {folder.name}: key accuracy {results['models'][folder.name]['key_accuracy']:.2f}",
+              flush=True)  # fmt: skip
+    return results
+
+
+def passkey_markdown(results: dict) -> str:
+    lines = [
+        "# Passkey beyond the window (small-scale models of `hf-yoco compare`)",
+        "",
+        f"Each trained model is fine-tuned for {results['steps']} steps on {results['length']}-token sequences of real "
+        "text with a 4-digit pass key in the first tokens and the question at the end (loss on the answer digits "
+        f"only), then scored on held-out text. Sliding window {results['window']}: the window-only model sees at "
+        f"most {results['window_only_receptive_field']} tokens back, the key is about {results['length'] - 16} back. "
+        "Chance: 0.10 per digit, 0.0001 per key.",
+        "",
+        "| model | key accuracy | digit accuracy | final loss |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, run in results["models"].items():
+        lines.append(f"| {name} | {run['key_accuracy']:.2f} | {run['digit_accuracy']:.2f} | {run['final_loss']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------------- reports
@@ -360,6 +469,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models-dir", default="outputs/quality", help="where the trained models are saved")
     parser.add_argument("--data-dir", default=None, help="corpora, tokenizer and blocks (default: data/)")
     parser.add_argument("--steps", type=positive_int, help="override every scale's training steps")
+    parser.add_argument("--passkey", action="store_true",
+                        help="only the passkey test of the trained small-scale models (after the study)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -370,6 +481,14 @@ def run(args: argparse.Namespace) -> int:
         for scale in settings.scales.values():
             scale.steps = args.steps
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    if args.passkey:
+        results = passkey_test(settings, Path(args.data_dir or data.default_data_dir()), Path(args.models_dir))
+        output_dir = Path(args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "passkey.json").write_text(json.dumps(results, indent=1))
+        (output_dir / "passkey.md").write_text(passkey_markdown(results))
+        print(passkey_markdown(results))
+        return 0
     results = run_study(settings, Path(args.output_dir), Path(args.data_dir or data.default_data_dir()),
                         Path(args.models_dir))  # fmt: skip
     print(markdown(results))
