@@ -7,7 +7,7 @@ tail. The same recipe runs at two scales, with a second seed of the Llama at the
 main scale also trains a larger Block Transformer (the paper compares at equal inference throughput too) and the
 small scale a window-only model (sliding-window attention in every layer), the baseline of the passkey test.
 
-    hf-yoco compare                              # ~1 hour on 2 CPU cores -> benchmarks/results/quality/
+    hf-yoco compare                              # ~1.5-2 hours on 2 CPU cores -> benchmarks/results/quality/
     hf-yoco compare --smoke                      # tiny models and corpora, under a minute (CI)
 
 Writes `results.json` (settings, configs, per-run curves, final per-corpus loss / perplexity, training and decode
@@ -263,9 +263,24 @@ def decode_tokens_per_second(model, settings: StudySettings) -> float:
     return settings.decode_batch * settings.decode_tokens / (time.perf_counter() - start)
 
 
-def training_settings(settings: StudySettings) -> dict[str, Any]:
-    """The settings a trained run depends on (as JSON reads them back): a finished run is reused only if they match."""
-    return json.loads(json.dumps({k: v for k, v in asdict(settings).items() if not k.startswith("passkey_")}))
+SCALE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "steps")
+
+
+def training_settings(settings: StudySettings, scale_name: str) -> dict[str, Any]:
+    """What a trained run of `scale_name` depends on (as JSON reads it back): the shared recipe and its own scale's
+    size and steps (not which other models or scales the study holds). A finished run is reused if they match."""
+    shared = {k: v for k, v in asdict(settings).items() if k != "scales" and not k.startswith("passkey_")}
+    scale = asdict(settings.scales[scale_name])
+    return json.loads(json.dumps({**shared, "scale": {k: scale[k] for k in SCALE_FIELDS}}))
+
+
+def _stored_training_settings(stored: dict[str, Any] | None, scale_name: str) -> dict[str, Any] | None:
+    """`training_settings` of a run.json (also of one written with the whole settings, before `scale` existed)."""
+    if not stored or "scales" not in stored:
+        return stored
+    shared = {k: v for k, v in stored.items() if k != "scales" and not k.startswith("passkey_")}
+    scale = stored["scales"].get(scale_name, {})
+    return {**shared, "scale": {k: scale.get(k) for k in SCALE_FIELDS}}
 
 
 def run_study(settings: StudySettings, output_dir: Path, data_dir: Path, models_dir: Path) -> dict[str, Any]:
@@ -283,11 +298,12 @@ def run_study(settings: StudySettings, output_dir: Path, data_dir: Path, models_
                 out = models_dir / scale_name / name.split("/")[1]
                 done = out / "run.json"  # a finished run of the same settings is reused (resume after a stop)
                 record = json.loads(done.read_text()) if done.is_file() else None
-                if record is None or record.get("settings") != training_settings(settings):
+                wanted = training_settings(settings, scale_name)
+                if record is None or _stored_training_settings(record.get("settings"), scale_name) != wanted:
                     model, record = train_one(config, seed, scale.steps, settings, tokenizer, train_set, eval_sets,
                                               out)  # fmt: skip
                     record["decode_tokens_per_s"] = decode_tokens_per_second(model, settings)
-                    done.write_text(json.dumps({**record, "settings": training_settings(settings)}, indent=1))
+                    done.write_text(json.dumps({**record, "settings": wanted}, indent=1))
                 record.pop("settings", None)
                 results["runs"][name] = record
                 print(
@@ -469,6 +485,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models-dir", default="outputs/quality", help="where the trained models are saved")
     parser.add_argument("--data-dir", default=None, help="corpora, tokenizer and blocks (default: data/)")
     parser.add_argument("--steps", type=positive_int, help="override every scale's training steps")
+    parser.add_argument("--only", nargs="+", choices=ARCHITECTURES, metavar="ARCH",
+                        help=f"train only these architectures at every scale ({', '.join(ARCHITECTURES)}; llama is "
+                        "always trained: it sets the parameter budget)")  # fmt: skip
     parser.add_argument("--passkey", action="store_true",
                         help="only the passkey test of the trained small-scale models (after the study)")  # fmt: skip
 
@@ -477,9 +496,10 @@ def run(args: argparse.Namespace) -> int:
     from . import data
 
     settings = StudySettings.smoke() if args.smoke else StudySettings()
-    if args.steps:
-        for scale in settings.scales.values():
-            scale.steps = args.steps
+    for scale in settings.scales.values():
+        scale.steps = args.steps or scale.steps
+        if args.only:
+            scale.models = tuple(m for m in scale.models if m == "llama" or m in args.only)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     if args.passkey:
         results = passkey_test(settings, Path(args.data_dir or data.default_data_dir()), Path(args.models_dir))
