@@ -96,14 +96,16 @@ def trained_models(models_dir: Path) -> tuple[dict[str, Any], dict[str, Any], An
 
     import hf_yoco  # noqa: F401  (registers the model types)
 
-    missing = [f"{scale}/{name}" for scale in ("main", "small") for name in TARGETS
-               if not (models_dir / scale / name / "config.json").is_file()]  # fmt: skip
+    found = lambda scale, name: (models_dir / scale / name / "config.json").is_file()  # noqa: E731
+    missing = [f"main/{name}" for name in TARGETS if not found("main", name)]
+    missing += [] if found("small", "llama") else ["small/llama"]
     if missing:
         raise SystemExit(f"error: --models-dir {models_dir} lacks {', '.join(missing)}; run `hf-yoco compare` first "
                          "(it trains and saves them), or pass --smoke")  # fmt: skip
     load = lambda scale, name: AutoModelForCausalLM.from_pretrained(models_dir / scale / name).eval()  # noqa: E731
     targets = {name: load("main", name) for name in TARGETS}
-    drafts = {name: load("small", name) for name in TARGETS}
+    # same-architecture drafts where the study trained them (`assisted_same` is skipped for the others)
+    drafts = {name: load("small", name) for name in TARGETS if found("small", name)}
     tokenizer = AutoTokenizer.from_pretrained(models_dir / "main" / "llama")
     if any(model.config.vocab_size != len(tokenizer) for model in [*targets.values(), *drafts.values()]):
         raise SystemExit(f"error: the models in {models_dir} do not share one tokenizer; retrain with hf-yoco compare")
@@ -177,6 +179,8 @@ def measure(name: str, model, drafts: dict[str, Any], prompts: list[list[int]], 
     common = dict(max_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None, disable_compile=True)
     rows, greedy_outputs = {}, []
     for method in METHODS:
+        if method == "assisted_same" and name not in drafts:
+            continue  # no small-scale model of this architecture
         kwargs = {**common, **method_kwargs(method, name, drafts)}
         model.generate(torch.tensor([prompts[0][:8]]), **{**kwargs, "max_new_tokens": 4})
         passes, counters, outputs = [], Counters(), []
