@@ -428,6 +428,10 @@ def markdown(results: dict[str, Any]) -> str:
         f"{settings['warmup_steps']}; held-out: the last {settings['eval_fraction']:.0%} of each corpus "
         f"({settings['eval_blocks']} blocks each). Sliding window {settings['sliding_window']}, block length "
         f"{settings['block_length']}. Training blocks: {results['train_blocks']}.",
+        "",
+        "Speeds (train and decode tokens/s) are wall-clock on the machine as the study ran, eager, fp32, batch "
+        f"{settings['decode_batch']} x {settings['decode_prompt']}+{settings['decode_tokens']} tokens for decoding: "
+        "on a shared machine they are noisy (other jobs slow some rows); `hf-yoco bench` measures speed properly.",
     ]
     for scale in settings["scales"]:
         runs = {n.split("/", 1)[1]: r for n, r in results["runs"].items() if n.startswith(f"{scale}/")}
