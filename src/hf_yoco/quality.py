@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .cli import positive_int
+from .cli import positive_float, positive_int
 
 CORPORA = ("shakespeare", "austen", "kjv")
 ARCHITECTURES = ("llama", "yoco-swa", "yoco-gret", "block", "block-large", "window-only")
@@ -359,12 +359,13 @@ def passkey_test(settings: StudySettings, data_dir: Path, models_dir: Path, scal
                                           torch.Generator().manual_seed(1234))  # fmt: skip
     scale = settings.scales[scale_name]
     results = {"scale": scale_name, "length": settings.passkey_length, "steps": settings.passkey_steps,
+               "learning_rate": settings.passkey_learning_rate, "batch": settings.passkey_batch,
                "window": settings.sliding_window,
                "window_only_receptive_field": scale.num_layers * (settings.sliding_window - 1) + 1,
                "models": {}}  # fmt: skip
     for folder in sorted((models_dir / scale_name).iterdir()):
-        if not (folder / "config.json").is_file():
-            continue
+        if not (folder / "config.json").is_file() or "-seed" in folder.name or folder.name not in scale.models:
+            continue  # one seed per architecture, the architectures of this study (`--only`)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(folder)
         optimizer = torch.optim.AdamW(model.parameters(), lr=settings.passkey_learning_rate, weight_decay=0.0)
@@ -401,7 +402,7 @@ def passkey_markdown(results: dict) -> str:
     lines = [
         "# Passkey beyond the window (small-scale models of `hf-yoco compare`)",
         "",
-        f"Each trained model is fine-tuned for {results['steps']} steps on {results['length']}-token sequences of real "
+        f"Each trained model is fine-tuned for {results['steps']} steps (lr {results['learning_rate']}) on {results['length']}-token sequences of real "
         "text with a 4-digit pass key in the first tokens and the question at the end (loss on the answer digits "
         f"only), then scored on held-out text. Sliding window {results['window']}: the window-only model sees at "
         f"most {results['window_only_receptive_field']} tokens back, the key is about {results['length'] - 16} back. "
@@ -494,12 +495,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "always trained: it sets the parameter budget)")  # fmt: skip
     parser.add_argument("--passkey", action="store_true",
                         help="only the passkey test of the trained small-scale models (after the study)")  # fmt: skip
+    parser.add_argument("--passkey-steps", type=positive_int, help="fine-tuning steps of the passkey test")
+    parser.add_argument("--passkey-lr", type=positive_float, help="learning rate of the passkey fine-tune")
 
 
 def run(args: argparse.Namespace) -> int:
     from . import data
 
     settings = StudySettings.smoke() if args.smoke else StudySettings()
+    settings.passkey_steps = args.passkey_steps or settings.passkey_steps
+    settings.passkey_learning_rate = args.passkey_lr or settings.passkey_learning_rate
     for scale in settings.scales.values():
         scale.steps = args.steps or scale.steps
         if args.only:
