@@ -1,5 +1,9 @@
+import contextlib
+import importlib.util
 import logging
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,3 +51,19 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 def examples(n: int):
     """`max_examples` of a property test: `n` in CI, ten times that under the "long" profile."""
     return settings(max_examples=n * (10 if os.environ.get("HYPOTHESIS_PROFILE") == "long" else 1))
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@contextlib.contextmanager
+def load_benchmark(name: str):
+    """`benchmarks/<name>.py` imported as module `benchmark_<name>` (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)

@@ -3,13 +3,11 @@
 import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
 LENGTHS = (64, 128)
 TRAINING = ("fwd", "fwd+bwd")
 EXPECTED = {  # section -> implementations, modes
@@ -28,12 +26,8 @@ if importlib.util.find_spec("liger_kernel") is not None:
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("benchmark_kernels", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with load_benchmark("kernels") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

@@ -1,24 +1,16 @@
 """benchmarks/serving.py: the smoke run serves the whole workload with every model through transformers' engine at
 equal cache memory, and the models that cache less hold more requests at once."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "serving.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("benchmark_serving", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with load_benchmark("serving") as module:
+        yield module
 
 
 def test_workload_is_reproducible_and_in_range(script):

@@ -2,25 +2,17 @@
 counters it reports (target forwards, proposed / accepted candidates) are right."""
 
 import copy
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speculative.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("benchmark_speculative", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with load_benchmark("speculative") as module:
+        yield module
 
 
 def test_smoke_run_writes_every_row_and_every_output_equals_greedy(script, tmp_path):
