@@ -54,6 +54,7 @@ from transformers.utils import can_return_tuple
 from .configuration_block_transformer import BlockTransformerConfig
 from .modeling_common import (
     CACHE_NAME,
+    BatchMapCacheMixin,
     DenseMLP,
     GatedMLP,
     HfYocoModelMixin,
@@ -185,7 +186,7 @@ class BlockTransformerLocalCacheLayer(BlockTransformerBlockCacheLayer):
         return self.keys, self.values
 
 
-class BlockTransformerCache(Cache):
+class BlockTransformerCache(BatchMapCacheMixin, Cache):
     """Generation state of a Block Transformer.
 
     - `layers[:num_block_decoder_layers]`: block-decoder K/V over completed blocks (`BlockTransformerBlockCacheLayer`).
@@ -326,16 +327,6 @@ class BlockTransformerCache(Cache):
             self.pending_tokens, self.num_tokens = fn(self.pending_tokens), fn(self.num_tokens)
         self.history = None if self.history is None else fn(self.history)
         self.stale = None if self.stale is None else fn(self.stale)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: keep rows `beam_idx`."""
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
 
     def reset(self) -> None:
         """Forget everything (the next forward is a fresh prefill)."""

@@ -407,6 +407,24 @@ def eager_attention_forward(
     return attn_output.transpose(1, 2).contiguous(), attn_weights
 
 
+class BatchMapCacheMixin:
+    """transformers' batch operations of a cache (beam reorder, repeat, select) through one `_map_batch(fn)` that
+    applies `fn` to the batch dimension of every tensor the cache holds (defined by each hf_yoco cache)."""
+
+    def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: keep rows `beam_idx`."""
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+
+
 def is_paged_cache(cache) -> bool:
     """Whether `cache` is transformers' continuous-batching `PagedAttentionCache` (`generate_batch`, `transformers
     serve`): the requests' new tokens come packed in one row, with the engine's `cu_seq_lens_q` and cache indices."""

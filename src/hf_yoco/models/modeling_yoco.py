@@ -49,6 +49,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .configuration_yoco import YocoConfig
 from .modeling_common import (
     CACHE_NAME,
+    BatchMapCacheMixin,
     GatedMLP,
     HfYocoModelMixin,
     RMSNorm,
@@ -355,7 +356,7 @@ class YocoSlidingWindowLayer(DynamicSlidingWindowLayer):
         return out
 
 
-class YocoCacheBatchMixin:
+class YocoCacheBatchMixin(BatchMapCacheMixin):
     """Batch operations (beam reorder, repeat, select) of the YOCO caches, recurrent states and rollback included
     (transformers' linear-attention layers have no batch operations of their own)."""
 
@@ -372,15 +373,6 @@ class YocoCacheBatchMixin:
                 layer.keys, layer.values = fn(layer.keys), fn(layer.values)
                 if isinstance(layer, YocoGlobalKVLayer):  # the views were replaced: the next update re-adopts them
                     layer._key_buffer = layer._value_buffer = None
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
 
 
 class YocoCache(YocoCacheBatchMixin, DynamicCache):
