@@ -34,7 +34,7 @@ COMMON = dict(
 def yoco_prediction(config: YocoConfig, batch: int, tokens: int) -> int:
     """Arithmetic cache size: one global K/V for all tokens + constant self-decoder state (fp32)."""
     global_kv = 2 * batch * tokens * config.num_key_value_heads * config.head_dim * 4
-    half = config.num_hidden_layers // 2
+    half = config.num_self_decoder_layers
     if config.self_decoder_type == "sliding_window":
         per_layer = 2 * batch * (min(tokens, config.sliding_window) - 1) * config.num_key_value_heads * config.head_dim
     else:

@@ -114,4 +114,4 @@ def test_gradient_checkpointed_layers_drop_the_cache_under_this_releases_name():
     model.activation_checkpointing_enable()
     cache = hf_yoco.YocoCache(model.config)
     model(torch.randint(1, 64, (1, 6)), cache=cache).logits.sum().backward()
-    assert all(not layer.is_initialized for layer in cache.layers[: model.config.num_hidden_layers // 2])
+    assert all(not layer.is_initialized for layer in cache.layers[: model.config.num_self_decoder_layers])

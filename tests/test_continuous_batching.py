@@ -36,9 +36,11 @@ def build(name: str):
     if name == "block":
         config = hf_yoco.BlockTransformerConfig(**SIZES, block_length=4, num_prefix_tokens=2)
         return hf_yoco.BlockTransformerForCausalLM(config).eval()
-    decoder = {"self_decoder_type": "sliding_window", "sliding_window": 4} if name == "swa" else {
+    decoder = {"self_decoder_type": "sliding_window", "sliding_window": 4} if name.startswith("swa") else {
         "self_decoder_type": "gated_retention", "retention_chunk_size": 4}  # fmt: skip
-    return hf_yoco.YocoForCausalLM(hf_yoco.YocoConfig(**SIZES, num_hidden_layers=4, **decoder)).eval()
+    if name.endswith("-split"):  # 3 self-decoder layers, 2 cross layers
+        decoder |= {"num_hidden_layers": 5, "num_self_decoder_layers": 3}
+    return hf_yoco.YocoForCausalLM(hf_yoco.YocoConfig(**{"num_hidden_layers": 4, **SIZES, **decoder})).eval()
 
 
 def prompts(count: int = 7, seed: int = 0) -> list[list[int]]:
@@ -94,7 +96,7 @@ def evictions(monkeypatch) -> list[int]:
 
 
 @pytest.mark.parametrize("setting", list(CONFIGS))
-@pytest.mark.parametrize("name", ["llama", *MODELS])
+@pytest.mark.parametrize("name", ["llama", *MODELS, "swa-split", "gret-split"])
 def test_generate_batch_equals_per_request_greedy(name, setting):
     model = build(name)
     inputs = prompts()

@@ -208,6 +208,8 @@ def test_yocofy_llama_gated_retention_and_errors():
     assert torch.isfinite(yoco(torch.randint(0, 64, (1, 10))).logits).all()
     with pytest.raises(ValueError, match="num_hidden_layers"):
         yocofy_llama(tiny_llama(layers=3))
+    assert yocofy_llama(tiny_llama(layers=3), "sliding_window", 8, num_self_decoder_layers=2).config.layer_types == [
+        "sliding_attention", "sliding_attention", "full_attention"]  # fmt: skip
 
 
 def test_yocofy_cli_round_trip(tmp_path):
@@ -218,6 +220,10 @@ def test_yocofy_cli_round_trip(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "yoco")
     assert model.config.model_type == "hf_yoco" and model.config.sliding_window == 8
+    assert model.config.num_self_decoder_layers == 2
+    args = ["convert", "llama-to-yoco", str(tmp_path / "llama"), str(tmp_path / "yoco3"), "--self-decoder-layers", "3"]
+    assert cli_main(args) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "yoco3").config.num_self_decoder_layers == 3
 
 
 @torch.no_grad()
@@ -246,8 +252,10 @@ def test_calibration_recovers_a_cross_layer_whose_kv_is_a_map_of_the_shared_one(
     expected = llama(ids).logits
     yoco = yocofy_llama(llama, "sliding_window", 16)
     assert not torch.allclose(yoco(ids).logits, expected, atol=1e-3)
-    residuals = calibrate_shared_kv(llama, yoco, torch.randint(0, 64, (4, 16)))
-    assert residuals[3]["keys"] < 1e-4 and residuals[3]["values"] < 1e-4
+    residuals = calibrate_shared_kv(llama, yoco, torch.randint(0, 64, (8, 16)))
+    assert all(fit["keys"] < 1e-4 and fit["values"] < 1e-4 for fit in residuals.values())
     torch.testing.assert_close(yoco(ids).logits, expected, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="window"):
-        calibrate_shared_kv(llama, yoco, torch.randint(0, 64, (1, 17)))
+        calibrate_shared_kv(llama, yoco, torch.randint(0, 64, (8, 17)))
+    with pytest.raises(ValueError, match="2 \\* hidden_size"):
+        calibrate_shared_kv(llama, yoco, torch.randint(0, 64, (4, 16)))

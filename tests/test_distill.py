@@ -26,11 +26,12 @@ def test_smoke_run_saves_a_loadable_yoco_model_with_its_card_and_numbers(smoke_r
     results = json.loads((smoke_run / "run" / "distill.json").read_text())
     for key in ("teacher_ppl", "converted_ppl", "distilled_ppl"):
         assert results[key]["the-tempest"] > 1
-    assert results["steps"] == 3 and results["training_tokens"] == 3 * 4 * 32
+    assert results["steps"] == 3 and results["training_tokens"] == 3 * 2 * 32
     assert any("kl" in entry for entry in results["curve"]) and any("eval_loss" in e for e in results["curve"])
     assert results["kv_cache_8k"]["saving"] > 1
     model = AutoModelForCausalLM.from_pretrained(smoke_run / "run" / "model")
     assert model.config.model_type == "hf_yoco" and model.config.sliding_window == 16
+    assert results["self_decoder_layers"] == model.config.num_self_decoder_layers == 3  # two thirds of 4 layers
     card = (smoke_run / "run" / "model" / "README.md").read_text()
     assert "perplexity (the-tempest), distilled" in card and "hf-yoco distill" in card
     assert {p.name for p in (smoke_run / "results").iterdir()} == {"distill.json", "MODEL_CARD.md", "curve.png"}

@@ -67,7 +67,7 @@ OFFICIAL_YOCO_CROSS_MIXER_KEYS = {
 
 def official_yoco_key_map(config: YocoConfig) -> dict[str, str]:
     """Every official key expected for `config`, mapped to its hf_yoco name."""
-    half = config.num_hidden_layers // 2
+    half = config.num_self_decoder_layers
     self_keys = {**OFFICIAL_YOCO_BLOCK_KEYS, **OFFICIAL_YOCO_SELF_MIXER_KEYS}
     if config.self_decoder_type == "gated_retention":
         self_keys.update(OFFICIAL_YOCO_RETENTION_KEYS)
@@ -612,18 +612,23 @@ def yocofy_llama(
     llama: PreTrainedModel,
     self_decoder_type: str = "sliding_window",
     sliding_window: int | None = 1024,
+    num_self_decoder_layers: int | None = None,
     **config_overrides,
 ) -> YocoForCausalLM:
     """Initialise a YOCO model from a Llama-architecture causal LM (YOCO-fication).
 
-    Layers `0 .. L/2-1` keep their weights as self-decoder layers (sliding-window attention, or gated retention with
-    fresh `g_proj`/`gt_proj` and GQA keys/values repeated per head); layer `L/2`'s input norm and k/v projections
-    build the global K/V; layers `L/2 ..` keep q/o projections, norms and MLPs as cross-decoder layers. Embeddings,
-    final norm and LM head are copied. Fine-tune afterwards: cross layers above `L/2` now read layer `L/2`'s K/V.
+    With S = `num_self_decoder_layers` (default: half of the layers, which must then be even), layers `0 .. S-1` keep
+    their weights as self-decoder layers (sliding-window attention, or gated retention with fresh `g_proj`/`gt_proj`
+    and GQA keys/values repeated per head); layer `S`'s input norm and k/v projections build the global K/V; layers
+    `S ..` keep q/o projections, norms and MLPs as cross-decoder layers. Embeddings, final norm and LM head are
+    copied. Then calibrate (`calibrate_shared_kv`) and fine-tune: cross layers above `S` now read layer `S`'s K/V.
     """
     source = llama.config
-    if source.num_hidden_layers % 2:
-        raise ValueError(f"`num_hidden_layers` must be even to YOCO-fy, got {source.num_hidden_layers}.")
+    if num_self_decoder_layers is None and source.num_hidden_layers % 2:
+        raise ValueError(
+            f"`num_hidden_layers` must be even to YOCO-fy with the default half/half split, got "
+            f"{source.num_hidden_layers}; pass `num_self_decoder_layers`."
+        )
     for flag in ("attention_bias", "mlp_bias"):
         if getattr(source, flag, False):
             raise ValueError(f"Llama checkpoints with `{flag}=True` are not supported (YOCO layers have no biases).")
@@ -632,6 +637,7 @@ def yocofy_llama(
         hidden_size=source.hidden_size,
         intermediate_size=source.intermediate_size,
         num_hidden_layers=source.num_hidden_layers,
+        num_self_decoder_layers=num_self_decoder_layers,
         num_attention_heads=source.num_attention_heads,
         num_key_value_heads=source.num_key_value_heads,
         head_dim=getattr(source, "head_dim", None) or source.hidden_size // source.num_attention_heads,
@@ -655,7 +661,7 @@ def yocofy_llama(
         )
     model = YocoForCausalLM(config)
     weights = llama.state_dict()
-    half = config.num_hidden_layers // 2
+    half = config.num_self_decoder_layers  # S
     groups = config.num_attention_heads // config.num_key_value_heads
     new = {
         "model.embed_tokens.weight": weights["model.embed_tokens.weight"],
@@ -692,13 +698,19 @@ def yocofy_llama(
 
 @torch.no_grad()
 def calibrate_shared_kv(llama: PreTrainedModel, yoco: YocoForCausalLM, input_ids: torch.Tensor) -> dict[int, dict]:
-    """Make each cross layer of a YOCO-fied model read the shared K/V as it read its own (in place; least squares).
+    """Fit the global K/V and the cross layers of a YOCO-fied model so that each cross layer reads the shared K/V as
+    it read its own (in place; closed-form least squares on calibration text).
 
-    After `yocofy_llama`, cross layer `i > L/2` attends to layer `L/2`'s keys and values instead of its own. On
-    calibration text `input_ids` `[B, T]` (T at most the sliding window, so the self-decoder equals the original),
-    per key/value head: the values get a `D x D` map `X = argmin |V_shared X - V_i|`, folded into `o_proj` (attention
-    is linear in the values); the keys get one complex scale per RoPE frequency pair (the maps that commute with the
-    rotation), folded into `q_proj`. Returns the relative residual of each fit per layer.
+    On `input_ids` `[B, T]` (T at most the sliding window, so the self-decoder equals the original), with `x` the
+    input of the global K/V (layer S's normed input) and `k_i`, `v_i` the original keys/values of cross layer `i`:
+    - values, per K/V head: a shared value head `v = x P` and per-layer maps `v_i ~ v M_i` minimising the error *as
+      the output projection sees it*, sum_i |(v_i - v M_i) O_i^T|^2 (a reduced-rank regression: the top principal
+      subspace of the layers' least-squares predictions from `x`); `M_i` is folded into `o_proj` (attention is
+      linear in the values);
+    - keys, per K/V head and RoPE frequency pair (a complex number, as RoPE rotates pairs): a shared key `s = x p`
+      and per-layer complex scales `k_i ~ c_i s` (the maps that commute with the rotation), weighted by each layer's
+      query energy on that pair (what the logits see); `conj(c_i)` is folded into `q_proj`.
+    The global K/V projections become `P` and `p`. Returns each cross layer's relative residual of keys and values.
     """
     config = yoco.config
     if config.self_decoder_type != "sliding_window":
@@ -709,45 +721,92 @@ def calibrate_shared_kv(llama: PreTrainedModel, yoco: YocoForCausalLM, input_ids
         raise ValueError(
             f"calibration sequences must fit the window ({config.sliding_window}), got {input_ids.shape[1]}"
         )
-    half, heads, kv_heads, dim = (config.num_hidden_layers // 2, config.num_attention_heads,
-                                  config.num_key_value_heads, config.head_dim)  # fmt: skip
-    captured: dict[tuple[int, str], torch.Tensor] = {}
-    hooks = [
-        getattr(llama.model.layers[i].self_attn, f"{kind}_proj").register_forward_hook(
-            lambda _m, _i, out, key=(i, kind): captured.__setitem__(key, out.reshape(-1, kv_heads, dim).float())
+    if input_ids.numel() < 2 * config.hidden_size:
+        raise ValueError(
+            f"calibration needs at least 2 * hidden_size = {2 * config.hidden_size} tokens (a least-squares fit over "
+            f"hidden_size inputs), got {input_ids.numel()}"
         )
-        for i in range(half, config.num_hidden_layers)
-        for kind in ("k", "v")
-    ]
+    split, heads, kv_heads, dim = (config.num_self_decoder_layers, config.num_attention_heads,
+                                   config.num_key_value_heads, config.head_dim)  # fmt: skip
+    group, pairs, cross = heads // kv_heads, dim // 2, range(config.num_self_decoder_layers, config.num_hidden_layers)
+    as_complex = lambda x: torch.complex(x[..., :pairs], x[..., pairs:])  # noqa: E731  RoPE pairs (j, j + D/2)
+    keys, values, query_energy, captured = {}, {}, {}, {}
+
+    def capture(module, args, out, layer, kind):
+        if kind == "x":
+            captured["x"] = args[0].reshape(-1, args[0].shape[-1]).double()  # [N, d]
+        elif kind == "q":  # mean |q|^2 per K/V head and pair, over tokens and the heads of its group: [H_kv, D/2]
+            q = out.reshape(-1, kv_heads, group, dim).double()
+            query_energy[layer] = (q[..., :pairs] ** 2 + q[..., pairs:] ** 2).mean((0, 2))
+        else:
+            (keys if kind == "k" else values)[layer] = out.reshape(-1, kv_heads, dim).double()  # [N, H_kv, D]
+
+    attentions = {i: llama.model.layers[i].self_attn for i in cross}
+    hooks = [getattr(attentions[i], f"{kind}_proj").register_forward_hook(
+        lambda m, a, o, i=i, kind=kind: capture(m, a, o, i, kind)) for i in cross for kind in "qkv"]  # fmt: skip
+    hooks.append(attentions[split].k_proj.register_forward_hook(lambda m, a, o: capture(m, a, o, split, "x")))
     try:
         llama(input_ids.to(llama.device))
     finally:
         for hook in hooks:
             hook.remove()
-    shared_k, shared_v = captured[(half, "k")], captured[(half, "v")]  # [N, H_kv, D], before RoPE
-    as_complex = lambda x: torch.complex(x[..., : dim // 2], x[..., dim // 2 :])  # noqa: E731  RoPE pairs (j, j+D/2)
-    zs = as_complex(shared_k)
+    x = captured["x"]
+    gram = x.T @ x  # [d, d]
+    solve = lambda targets: torch.linalg.lstsq(x.to(targets.dtype), targets).solution  # noqa: E731  [d, *]
+    n = len(cross)
+
+    # Values: whiten each layer's targets by its output projection (sum over the group's query heads of O_h^T O_h).
+    whiten = {}  # (layer, kv head) -> L with L L^T = metric
+    for i in cross:
+        o = yoco.model.layers[i].cross_attn.o_proj.weight.double().view(-1, kv_heads, group, dim)  # [d, H_kv, G, D]
+        metric = torch.einsum("ahgi,ahgj->hij", o, o) + 1e-6 * torch.eye(dim, dtype=o.dtype)  # [H_kv, D, D]
+        whiten[i] = torch.linalg.cholesky(metric)
+    value_proj, value_maps = torch.empty(kv_heads, dim, x.shape[1], dtype=x.dtype), {}
+    for h in range(kv_heads):
+        targets = torch.cat([values[i][:, h] @ whiten[i][h] for i in cross], 1)  # [N, n * D]
+        coef = solve(targets)  # [d, n * D]
+        _, vectors = torch.linalg.eigh(coef.T @ gram @ coef)  # principal subspace of the fitted targets
+        basis = vectors[:, -dim:]  # [n * D, D]
+        value_proj[h] = (coef @ basis).T  # shared value head: v = x P, [D, d]
+        for j, i in enumerate(cross):  # v_i ~ v @ basis_i^T @ L_i^-1
+            block = basis[j * dim : (j + 1) * dim]  # [D, D]
+            value_maps[i, h] = torch.linalg.solve_triangular(whiten[i][h].mT, block, upper=True).T
+
+    # Keys: per (K/V head, pair) a rank-1 complex fit across layers, each weighted by its query energy.
+    weights = torch.stack([query_energy[i].sqrt() for i in cross])  # [n, H_kv, D/2]
+    targets = torch.stack([as_complex(keys[i]) for i in cross], -1) * weights.permute(1, 2, 0)  # [N, H_kv, D/2, n]
+    coef = solve(targets.reshape(x.shape[0], -1)).reshape(-1, kv_heads, pairs, n)  # [d, H_kv, D/2, n]
+    normal = torch.einsum("dhpi,de,ehpj->hpij", coef.conj(), gram.to(coef.dtype), coef)  # [H_kv, D/2, n, n]
+    top = torch.linalg.eigh(normal)[1][..., -1]  # [H_kv, D/2, n], unit
+    key_proj = torch.einsum("dhpi,hpi->hpd", coef, top)  # shared key s = x p, [H_kv, D/2, d] complex
+    scales = top.conj() / weights.permute(1, 2, 0).clamp_min(1e-12)  # k_i ~ c_i s, [H_kv, D/2, n]
+
+    global_kv = yoco.model.global_kv
+    dtype = global_kv.k_proj.weight.dtype
+    global_kv.k_proj.weight.copy_(torch.cat([key_proj.real, key_proj.imag], 1).reshape(-1, x.shape[1]).to(dtype))
+    global_kv.v_proj.weight.copy_(value_proj.reshape(-1, x.shape[1]).to(dtype))
+    shared_k = torch.einsum("nd,hpd->nhp", x.to(key_proj.dtype), key_proj)  # [N, H_kv, D/2] complex
+    shared_v = torch.einsum("nd,hed->nhe", x, value_proj)  # [N, H_kv, D]
     residuals = {}
-    for i in range(half + 1, config.num_hidden_layers):
+    for j, i in enumerate(cross):
         attention = yoco.model.layers[i].cross_attn
-        q_weight = attention.q_proj.weight.data.float().view(heads, dim, -1)  # [H, D, d]
-        o_weight = attention.o_proj.weight.data.float().view(-1, heads, dim)  # [d, H, D]
-        zi = as_complex(captured[(i, "k")])
-        scale = (zs.conj() * zi).sum(0) / zs.abs().pow(2).sum(0).clamp_min(1e-12)  # [H_kv, D/2]: k_i ~ c * k_shared
-        value_maps = [torch.linalg.lstsq(shared_v[:, h], captured[(i, "v")][:, h]).solution for h in range(kv_heads)]
+        q_weight = attention.q_proj.weight.double().view(heads, dim, -1)  # [H, D, d]
+        o_weight = attention.o_proj.weight.double().view(-1, heads, dim)  # [d, H, D]
         for head in range(heads):
-            h = head // (heads // kv_heads)
-            a, b = scale[h].real[:, None], scale[h].imag[:, None]  # q' = conj(c) q, per frequency pair
-            first, second = q_weight[head, : dim // 2].clone(), q_weight[head, dim // 2 :].clone()
-            q_weight[head, : dim // 2] = a * first + b * second
-            q_weight[head, dim // 2 :] = a * second - b * first
-            o_weight[:, head] = o_weight[:, head] @ value_maps[h].T
-        attention.q_proj.weight.data.copy_(q_weight.view_as(attention.q_proj.weight))
-        attention.o_proj.weight.data.copy_(o_weight.view_as(attention.o_proj.weight))
-        fitted_v = torch.stack([shared_v[:, h] @ value_maps[h] for h in range(kv_heads)], 1)
+            h = head // group
+            a, b = scales[h, :, j].real[:, None], scales[h, :, j].imag[:, None]  # q' = conj(c) q, per pair
+            first, second = q_weight[head, :pairs].clone(), q_weight[head, pairs:].clone()
+            q_weight[head, :pairs] = a * first + b * second
+            q_weight[head, pairs:] = a * second - b * first
+            o_weight[:, head] = o_weight[:, head] @ value_maps[i, h].T
+        attention.q_proj.weight.copy_(q_weight.view_as(attention.q_proj.weight).to(dtype))
+        attention.o_proj.weight.copy_(o_weight.view_as(attention.o_proj.weight).to(dtype))
+        fitted_k = shared_k * scales[:, :, j]
+        fitted_v = torch.stack([shared_v[:, h] @ value_maps[i, h] for h in range(kv_heads)], 1)
+        target_k = as_complex(keys[i])
         residuals[i] = {
-            "keys": float((zs * scale - zi).abs().norm() / zi.abs().norm()),
-            "values": float((fitted_v - captured[(i, "v")]).norm() / captured[(i, "v")].norm()),
+            "keys": float((fitted_k - target_k).abs().norm() / target_k.abs().norm()),
+            "values": float((fitted_v - values[i]).norm() / values[i].norm()),
         }
     return residuals
 
@@ -768,6 +827,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--self-decoder", choices=["sliding_window", "gated_retention"], default="sliding_window")
     parser.add_argument("--sliding-window", type=positive_int, default=1024)
+    parser.add_argument(
+        "--self-decoder-layers", type=positive_int, help="llama-to-yoco: layers kept as the self-decoder (default: half)"
+    )
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
 
 
@@ -786,7 +848,7 @@ def run(args: argparse.Namespace) -> int:
 
         check_model_folder(args.input)
         llama = AutoModelForCausalLM.from_pretrained(args.input, dtype=dtype, use_safetensors=True)
-        model = yocofy_llama(llama, args.self_decoder, args.sliding_window)
+        model = yocofy_llama(llama, args.self_decoder, args.sliding_window, args.self_decoder_layers)
         if any((Path(args.input) / name).exists() for name in TOKENIZER_FILES):
             tokenizer = AutoTokenizer.from_pretrained(args.input)
         else:

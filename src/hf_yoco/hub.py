@@ -50,7 +50,7 @@ def _memory_rows(cache_bytes, transformer_bytes) -> list[dict[str, str]]:
 
 
 def _yoco_variables(config) -> dict:
-    half = config.num_hidden_layers // 2
+    half = config.num_self_decoder_layers
     kv_per_token = 2 * config.num_key_value_heads * config.head_dim * BF16_BYTES
     if config.self_decoder_type == "sliding_window":
         description = f"sliding-window attention over the last {config.sliding_window} tokens"

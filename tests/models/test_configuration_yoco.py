@@ -39,6 +39,18 @@ def test_layer_layout_for_transformers_caches():
     assert [type(x) for x in layers] == [LinearAttentionLayer] * 3 + [DynamicLayer] + [DummyLayer] * 2
 
 
+def test_self_decoder_split_sets_the_cache_layout():
+    """`num_self_decoder_layers` moves the store layer; the default is half; any total works with an explicit split."""
+    assert YocoConfig(**TINY).num_self_decoder_layers == 3
+    config = YocoConfig(**{**TINY, "num_hidden_layers": 5}, num_self_decoder_layers=4)
+    assert config.layer_types == ["linear_attention"] * 4 + ["full_attention"]
+    assert config.kv_sharing_modes == [None] * 4 + ["store"]
+    layers = DynamicCache(config=config).layers
+    assert [type(x) for x in layers] == [LinearAttentionLayer] * 4 + [DynamicLayer]
+    config = YocoConfig(**TINY, num_self_decoder_layers=1, self_decoder_type="sliding_window", sliding_window=8)
+    assert config.kv_sharing_modes == [None, "store"] + ["reuse"] * 4
+
+
 def test_defaults_and_standard_fields():
     config = YocoConfig(**TINY, rope_theta=500000.0, num_key_value_heads=2)
     assert config.rope_parameters["rope_theta"] == 500000.0
@@ -64,6 +76,9 @@ def test_round_trip(tmp_path):
     [
         (dict(num_hidden_layers=5), "num_hidden_layers"),
         (dict(num_hidden_layers=0), "num_hidden_layers"),
+        (dict(num_self_decoder_layers=6), "num_self_decoder_layers.*1 to"),
+        (dict(num_self_decoder_layers=0), "num_self_decoder_layers.*1 to"),
+        (dict(num_self_decoder_layers="2"), "num_self_decoder_layers"),
         (dict(self_decoder_type="mamba"), "self_decoder_type"),
         (dict(self_decoder_type="sliding_window"), "sliding_window"),
         (dict(self_decoder_type="sliding_window", sliding_window=0), "sliding_window"),

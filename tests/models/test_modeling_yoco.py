@@ -129,6 +129,28 @@ def test_full_forward_equals_prefill_plus_decode(self_decoder_type):
         torch.testing.assert_close(incremental, full, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("layers, split", [(5, 3), (4, 1), (4, 3)])
+def test_uneven_split_cached_chunked_padded_and_static_equal_the_full_forward(self_decoder_type, layers, split):
+    """Any `num_self_decoder_layers`: incremental decoding, chunked prefill, a left-padded batch and the static cache
+    all give the logits / tokens of the plain forward."""
+    model = tiny_model(self_decoder_type, num_hidden_layers=layers, num_self_decoder_layers=split)
+    assert sum(layer.is_cross_layer for layer in model.model.layers) == layers - split
+    input_ids = torch.randint(1, 64, (2, 13))
+    full = model(input_ids, use_cache=False).logits
+    incremental, cache = _incremental_logits(model, input_ids, 4)
+    torch.testing.assert_close(incremental, full, atol=ATOL, rtol=0)
+    assert cache.global_kv_layer_idx == split and cache.global_key_values[0].shape[2] == 13
+    model.config.self_decoder_chunk_size = 3
+    torch.testing.assert_close(model(input_ids, use_cache=True).logits, full, atol=ATOL, rtol=0)
+    rows = [input_ids[0, :9], input_ids[1]]
+    padded, mask = _left_pad(rows)
+    batch = greedy(model, padded, attention_mask=mask)
+    for row, out in zip(rows, batch):
+        alone = greedy(model, row[None])[0]
+        assert torch.equal(out[-alone.shape[0] :], alone)
+    assert torch.equal(greedy(model, input_ids, cache_implementation="static"), greedy(model, input_ids))
+
+
 def test_plain_dynamic_and_static_caches_work(self_decoder_type):
     """`DynamicCache(config=...)` built by transformers from layer_types/kv_sharing_modes drives the model too."""
     model = tiny_model(self_decoder_type)

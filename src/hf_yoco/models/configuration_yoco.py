@@ -17,11 +17,12 @@ class YocoConfig(PreTrainedConfig):
     r"""
     Configuration of a YOCO decoder-decoder language model (Sun et al., 2024, arXiv:2405.05254).
 
-    The first `num_hidden_layers // 2` layers form the *self-decoder* (sliding-window attention or gated retention,
-    constant-size state); its output is normalized and projected **once** into a global K/V that every layer of the
-    *cross-decoder* (the other half) attends to. `layer_types` and `kv_sharing_modes` express this to transformers'
+    The first `num_self_decoder_layers` layers (half by default) form the *self-decoder* (sliding-window attention or
+    gated retention, constant-size state); its output is normalized and projected **once** into a global K/V that
+    every layer of the *cross-decoder* (the remaining layers) attends to. `layer_types` and `kv_sharing_modes` express this to transformers'
     cache machinery, so `DynamicCache(config=config)` / `StaticCache(config=config, ...)` build
-    `[sliding|linear] * L/2 + [full ("store", the global K/V)] + [dummy ("reuse")] * (L/2 - 1)`.
+    `[sliding|linear] * S + [full ("store", the global K/V)] + [dummy ("reuse")] * (L - S - 1)` for S self-decoder
+    layers.
 
     The model type is `"hf_yoco"` (flash-linear-attention registers `"yoco"` for its own port).
 
@@ -32,6 +33,12 @@ class YocoConfig(PreTrainedConfig):
             As in `LlamaConfig`. `num_attention_heads` / `num_key_value_heads` / `head_dim` describe the
             cross-decoder (queries per layer, one shared K/V) and the sliding-window self-decoder. `rope_theta=...`
             is accepted and stored in `rope_parameters["rope_theta"]` (transformers 5 convention).
+        num_self_decoder_layers (`int`, *optional*):
+            Layers in the self-decoder, 1 .. `num_hidden_layers - 1`; the rest form the cross-decoder. Defaults to
+            `num_hidden_layers // 2` (the paper's split; `num_hidden_layers` must then be even). A larger self-decoder
+            keeps more layers' own attention (constant-size state each) and shares the global K/V among fewer cross
+            layers, as cross-layer KV sharing does in Gemma 3n (the last third of the layers share) - the choice
+            `hf-yoco distill` makes when it converts a pretrained model.
         self_decoder_type (`str`, defaults to `"gated_retention"`):
             `"gated_retention"` (gRet, the paper's default) or `"sliding_window"` (SWA).
         sliding_window (`int`, *optional*):
@@ -72,6 +79,7 @@ class YocoConfig(PreTrainedConfig):
     hidden_size: int = 768
     intermediate_size: int = 2048
     num_hidden_layers: int = 12
+    num_self_decoder_layers: int | None = None
     num_attention_heads: int = 12
     num_key_value_heads: int | None = None
     head_dim: int | None = None
@@ -97,6 +105,11 @@ class YocoConfig(PreTrainedConfig):
     layer_types: list[str] | None = None
 
     def __post_init__(self, **kwargs):
+        if self.num_self_decoder_layers is None and isinstance(self.num_hidden_layers, int):
+            if (
+                self.num_hidden_layers >= 2 and self.num_hidden_layers % 2 == 0
+            ):  # else `validate_architecture` says why
+                self.num_self_decoder_layers = self.num_hidden_layers // 2
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads == 0:
@@ -114,16 +127,16 @@ class YocoConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
     def _expected_layer_types(self) -> list[str] | None:
-        if self.self_decoder_type not in SELF_DECODER_TYPES or self.num_hidden_layers < 2:
+        if (
+            self.self_decoder_type not in SELF_DECODER_TYPES
+            or not isinstance(self.num_self_decoder_layers, int)
+            or not 1 <= self.num_self_decoder_layers < self.num_hidden_layers
+        ):
             return None  # reported by `validate_architecture`
-        half = self.num_hidden_layers // 2
+        half = self.num_self_decoder_layers
         return [SELF_DECODER_LAYER_TYPES[self.self_decoder_type]] * half + ["full_attention"] * (
             self.num_hidden_layers - half
         )
-
-    @property
-    def num_self_decoder_layers(self) -> int:
-        return self.num_hidden_layers // 2
 
     @property
     def kv_sharing_modes(self) -> list[str | None]:
@@ -147,10 +160,18 @@ class YocoConfig(PreTrainedConfig):
             positive(name)
         for name in ("rms_norm_eps", "gate_logit_normalizer", "retention_chunk_size", "max_position_embeddings"):
             positive(name)
-        if self.num_hidden_layers < 2 or self.num_hidden_layers % 2:
+        layers, split = self.num_hidden_layers, self.num_self_decoder_layers
+        if not isinstance(layers, int) or isinstance(layers, bool) or layers < 2:
+            raise ValueError(f"`num_hidden_layers` must be an integer >= 2, got {layers!r}.")
+        if split is None:
             raise ValueError(
-                f"`num_hidden_layers` must be an even number >= 2 (half self-decoder, half cross-decoder), "
-                f"got {self.num_hidden_layers}."
+                f"`num_hidden_layers` must be an even number >= 2 (half self-decoder, half cross-decoder) unless "
+                f"`num_self_decoder_layers` sets the split, got {layers}."
+            )
+        if not isinstance(split, int) or isinstance(split, bool) or not 1 <= split < layers:
+            raise ValueError(
+                f"`num_self_decoder_layers` must be an integer from 1 to `num_hidden_layers - 1` ({layers - 1}), "
+                f"got {split!r}."
             )
         if self.self_decoder_type not in SELF_DECODER_TYPES:
             raise ValueError(

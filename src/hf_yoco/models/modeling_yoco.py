@@ -1,9 +1,9 @@
 """PyTorch YOCO: "You Only Cache Once: Decoder-Decoder Architectures for Language Models" (arXiv:2405.05254).
 
 Notable features:
-- Decoder-decoder: the first `num_hidden_layers // 2` layers are a *self-decoder* with a constant-size state per
-  layer (sliding-window attention, W keys including the current token, or gated retention, a gated linear
-  recurrence); the other half is a *cross-decoder* whose layers only own `q_proj`/`o_proj`/MLP.
+- Decoder-decoder: the first `num_self_decoder_layers` layers (half by default) are a *self-decoder* with a
+  constant-size state per layer (sliding-window attention, W keys including the current token, or gated retention, a
+  gated linear recurrence); the rest is a *cross-decoder* whose layers only own `q_proj`/`o_proj`/MLP.
 - The global K/V is computed **once** from the self-decoder output (`global_kv`: RMSNorm -> k_proj/v_proj -> RoPE(K))
   and shared by every cross-decoder layer, so the KV cache is O(N) instead of O(N * L).
 - Prefill early exit: with `logits_to_keep=k` (generate passes 1) the cross-decoder runs on the last k positions only.
@@ -381,9 +381,9 @@ class YocoCache(YocoCacheBatchMixin, DynamicCache):
     Layers (built by transformers from `config.layer_types` / `config.kv_sharing_modes`):
     - self-decoder layers: `DynamicSlidingWindowLayer` (the last W-1 keys/values) for sliding-window attention,
       or `LinearAttentionLayer` (recurrent state `[B, H, K, V]`, fp32) for gated retention;
-    - layer `L/2` ("store"): `YocoGlobalKVLayer` (a `DynamicLayer` that appends in place) holding the global K/V
-      `[B, H_kv, N, D]`;
-    - layers `L/2+1 .. L-1` ("reuse"): `DummyLayer`, nothing stored.
+    - layer `S = num_self_decoder_layers` ("store"): `YocoGlobalKVLayer` (a `DynamicLayer` that appends in place)
+      holding the global K/V `[B, H_kv, N, D]`;
+    - layers `S+1 .. L-1` ("reuse"): `DummyLayer`, nothing stored.
 
     `generate()` creates it by itself; pass one as `cache` (or `past_key_values`) to reuse or inspect it
     (`memory_bytes()`).
@@ -392,7 +392,7 @@ class YocoCache(YocoCacheBatchMixin, DynamicCache):
     def __init__(self, config: YocoConfig, offloading: bool = False, offload_only_non_sliding: bool = False) -> None:
         super().__init__(config=config, offloading=offloading, offload_only_non_sliding=offload_only_non_sliding)
         self.self_decoder_type = config.self_decoder_type
-        self.num_self_decoder_layers = config.num_hidden_layers // 2
+        self.num_self_decoder_layers = config.num_self_decoder_layers
         self.global_kv_layer_idx = self.num_self_decoder_layers
         self.layers[self.global_kv_layer_idx] = YocoGlobalKVLayer()
         for i in range(self.num_self_decoder_layers):
@@ -494,7 +494,7 @@ class YocoStaticCache(YocoCacheBatchMixin, StaticCache):
     def __init__(self, config: YocoConfig, max_cache_len: int, offloading: bool = False, **kwargs) -> None:
         super().__init__(config=config, max_cache_len=max_cache_len, offloading=offloading, **kwargs)
         self.max_cache_len = max_cache_len
-        self.num_self_decoder_layers = config.num_hidden_layers // 2
+        self.num_self_decoder_layers = config.num_self_decoder_layers
         self.global_kv_layer_idx = self.num_self_decoder_layers
         if config.self_decoder_type == "sliding_window":
             for i in range(self.num_self_decoder_layers):
@@ -512,11 +512,11 @@ class YocoStaticCache(YocoCacheBatchMixin, StaticCache):
         return _memory_bytes(self)
 
 
-def _static_capacity(cache: Cache | None) -> int | None:
+def _static_capacity(cache: Cache | None, config: YocoConfig) -> int | None:
     """Positions a static cache's global K/V can hold (None for a dynamic cache)."""
-    if cache is None or len(cache.layers) == 0:
+    if cache is None or len(cache.layers) <= config.num_self_decoder_layers:
         return None
-    store = cache.layers[len(cache.layers) // 2]  # the "store" layer of a cache built from a YocoConfig
+    store = cache.layers[config.num_self_decoder_layers]  # the "store" layer of a cache built from `config`
     return store.max_cache_len if isinstance(store, StaticLayer) else None
 
 
@@ -838,7 +838,7 @@ class YocoDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: YocoConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.is_cross_layer = layer_idx >= config.num_hidden_layers // 2
+        self.is_cross_layer = layer_idx >= config.num_self_decoder_layers
         if self.is_cross_layer:
             self.cross_attn = YocoCrossAttention(config, layer_idx)
         elif config.self_decoder_type == "sliding_window":
@@ -920,7 +920,7 @@ class YocoModel(YocoPreTrainedModel):
     def __init__(self, config: YocoConfig) -> None:
         super().__init__(config)
         self.padding_idx = config.pad_token_id
-        self.num_self_decoder_layers = config.num_hidden_layers // 2
+        self.num_self_decoder_layers = config.num_self_decoder_layers
         embed_scale = math.sqrt(config.hidden_size) if config.official_numerics else 1.0
         self.embed_tokens = YocoScaledEmbedding(config.vocab_size, config.hidden_size, self.padding_idx, embed_scale)
         self.layers = nn.ModuleList([YocoDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
@@ -1161,7 +1161,7 @@ class YocoModel(YocoPreTrainedModel):
             past_seen = past_seen.clone()
         check_model_inputs(
             self.config, input_ids, inputs_embeds, attention_mask, position_ids, past_seen,
-            static_length=_static_capacity(cache),
+            static_length=_static_capacity(cache, self.config),
         )  # fmt: skip
         batch_size = (input_ids if inputs_embeds is None else inputs_embeds).shape[0]
         packed_sequences = self._packed_sequences(position_ids, attention_mask, cache, batch_size)
@@ -1339,7 +1339,7 @@ class YocoForCausalLM(YocoPreTrainedModel, GenerationMixin):
             model_kwargs[CACHE_NAME] = yoco_cache
         elif type(cache) is StaticCache:  # cache_implementation="static": ring-buffer windows, same capacity
             model_kwargs[CACHE_NAME] = YocoStaticCache(
-                config=self.config, max_cache_len=_static_capacity(cache), offloading=cache.offloading
+                config=self.config, max_cache_len=_static_capacity(cache, self.config), offloading=cache.offloading
             )
 
     def create_masks_for_generate(
@@ -1351,7 +1351,7 @@ class YocoForCausalLM(YocoPreTrainedModel, GenerationMixin):
     ) -> torch.Tensor | None:
         """Keep the 2D mask (forward builds its masks per prefill chunk and per kept row); with a static cache, pad
         it with zeros to the cache's capacity so that every compiled decode step sees the same shape."""
-        capacity = _static_capacity(pick_cache(cache, past_key_values))
+        capacity = _static_capacity(pick_cache(cache, past_key_values), self.config)
         if capacity is not None and attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = F.pad(attention_mask, (0, capacity - attention_mask.shape[1]))
         return attention_mask
