@@ -828,7 +828,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--self-decoder", choices=["sliding_window", "gated_retention"], default="sliding_window")
     parser.add_argument("--sliding-window", type=positive_int, default=1024)
     parser.add_argument(
-        "--self-decoder-layers", type=positive_int, help="llama-to-yoco: layers kept as the self-decoder (default: half)"
+        "--self-decoder-layers",
+        type=positive_int,
+        help="llama-to-yoco: layers kept as the self-decoder (default: half)",
     )
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
 
