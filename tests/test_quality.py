@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hf_yoco.quality import StudySettings, matched_config, non_embedding_parameters
+from hf_yoco.quality import StudySettings, matched_config, non_embedding_parameters, passkey_length
 
 
 class Vocabulary:
@@ -75,3 +75,12 @@ def test_smoke_study_writes_its_reports(tmp_path, monkeypatch):
     )
     assert (tmp_path / "models" / "main" / "llama" / "model.safetensors").stat().st_mtime_ns == stamp  # reused
     assert json.loads((tmp_path / "out2" / "results.json").read_text())["runs"] == results["runs"]
+
+
+def test_passkey_curriculum_grows_the_sequences_then_holds_the_full_length():
+    settings = StudySettings(passkey_length=384, passkey_start_length=48, passkey_steps=100, passkey_curriculum=0.5)
+    lengths = [passkey_length(settings, step) for step in range(100)]
+    assert lengths[0] == 48 and lengths[25] == 216 and lengths[50:] == [384] * 50
+    assert lengths == sorted(lengths)
+    settings.passkey_curriculum = 0.0  # no curriculum: full length from the first step
+    assert passkey_length(settings, 0) == 384

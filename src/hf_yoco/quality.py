@@ -65,8 +65,12 @@ class StudySettings:
     decode_prompt: int = 128
     decode_tokens: int = 48
     # passkey fine-tune of the small-scale models (`--passkey`): sequence length (beyond the window-only model's
-    # receptive field, layers x (window - 1) + 1), steps, batch, learning rate, held-out samples
+    # receptive field, layers x (window - 1) + 1), steps, batch, learning rate, held-out samples; a curriculum grows
+    # the training sequences from `passkey_start_length` to `passkey_length` over the first `passkey_curriculum`
+    # of the steps (retrieval is learnt at short range first, then stretched)
     passkey_length: int = 384
+    passkey_start_length: int = 48
+    passkey_curriculum: float = 0.5
     passkey_steps: int = 200
     passkey_batch: int = 8
     passkey_learning_rate: float = 5e-4
@@ -83,7 +87,7 @@ class StudySettings:
         return cls(
             vocab_size=300, block_size=32, sliding_window=8, eval_blocks=2, evaluations=2, batch_size=2,
             warmup_steps=1, max_corpus_chars=20_000, decode_batch=2, decode_prompt=8, decode_tokens=4,
-            passkey_length=128, passkey_steps=2, passkey_batch=2, passkey_samples=4,
+            passkey_length=128, passkey_start_length=32, passkey_steps=2, passkey_batch=2, passkey_samples=4,
             scales={"main": Scale(32, 2, 2, 1, 4, ("llama", "yoco-swa", "yoco-gret", "block"), (0, 1)),
                     "small": Scale(16, 2, 2, 1, 2, ("llama", "window-only"))},
         )  # fmt: skip
@@ -347,6 +351,15 @@ def passkey_batch(tokenizer, filler_blocks, count: int, length: int, generator: 
     return torch.tensor(rows), torch.tensor(labels)
 
 
+def passkey_length(settings: StudySettings, step: int) -> int:
+    """Training sequence length at `step`: linear from `passkey_start_length` to `passkey_length` over the first
+    `passkey_curriculum` of the steps, then `passkey_length`."""
+    ramp = settings.passkey_curriculum * settings.passkey_steps
+    done = 1.0 if ramp <= 0 else min(1.0, step / ramp)
+    start = min(settings.passkey_start_length, settings.passkey_length)
+    return round(start + (settings.passkey_length - start) * done)
+
+
 def passkey_test(settings: StudySettings, data_dir: Path, models_dir: Path, scale_name: str = "small") -> dict:
     """Fine-tune each trained model of `scale_name` on passkeys beyond the window, then score held-out keys."""
     from transformers import AutoModelForCausalLM
@@ -359,6 +372,7 @@ def passkey_test(settings: StudySettings, data_dir: Path, models_dir: Path, scal
                                           torch.Generator().manual_seed(1234))  # fmt: skip
     scale = settings.scales[scale_name]
     results = {"scale": scale_name, "length": settings.passkey_length, "steps": settings.passkey_steps,
+               "start_length": settings.passkey_start_length, "curriculum": settings.passkey_curriculum,
                "learning_rate": settings.passkey_learning_rate, "batch": settings.passkey_batch,
                "window": settings.sliding_window,
                "window_only_receptive_field": scale.num_layers * (settings.sliding_window - 1) + 1,
@@ -373,8 +387,8 @@ def passkey_test(settings: StudySettings, data_dir: Path, models_dir: Path, scal
         model.train()
         start = time.perf_counter()
         losses = []
-        for _ in range(settings.passkey_steps):
-            ids, labels = passkey_batch(tokenizer, train_set, settings.passkey_batch, settings.passkey_length,
+        for step in range(settings.passkey_steps):
+            ids, labels = passkey_batch(tokenizer, train_set, settings.passkey_batch, passkey_length(settings, step),
                                         generator)  # fmt: skip
             loss = model(ids, labels=labels).loss
             loss.backward()
@@ -402,9 +416,11 @@ def passkey_markdown(results: dict) -> str:
     lines = [
         "# Passkey beyond the window (small-scale models of `hf-yoco compare`)",
         "",
-        f"Each trained model is fine-tuned for {results['steps']} steps (lr {results['learning_rate']}) on {results['length']}-token sequences of real "
-        "text with a 4-digit pass key in the first tokens and the question at the end (loss on the answer digits "
-        f"only), then scored on held-out text. Sliding window {results['window']}: the window-only model sees at "
+        f"Each trained model is fine-tuned for {results['steps']} steps (lr {results['learning_rate']}, batch "
+        f"{results['batch']}) on sequences of real text with a 4-digit pass key in the first tokens and the question "
+        f"at the end (loss on the answer digits only; the sequences grow from {results['start_length']} to "
+        f"{results['length']} tokens over the first {results['curriculum']:.0%} of the steps), then scored on "
+        f"{results['length']}-token held-out text. Sliding window {results['window']}: the window-only model sees at "
         f"most {results['window_only_receptive_field']} tokens back, the key is about {results['length'] - 16} back. "
         "Chance: 0.10 per digit, 0.0001 per key.",
         "",
