@@ -25,6 +25,7 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM
 
 from hf_yoco import YocoConfig, YocoForCausalLM
+from hf_yoco.training import fit_batches
 
 DIGITS = 10  # token ids 0-9 are the digits
 KEY, QUERY = 10, 11  # markers
@@ -57,20 +58,7 @@ def accuracy(model, length: int, vocab: int, samples: int = 256) -> dict[str, fl
 
 def train(model, steps: int, batch: int, length: int, vocab: int, lr: float) -> list[float]:
     generator = torch.Generator().manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20))
-    model.train()
-    losses = []
-    for _ in range(steps):
-        input_ids, labels = make_batch(batch, length, vocab, generator)
-        loss = model(input_ids, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return fit_batches(model, lambda _step: make_batch(batch, length, vocab, generator), steps, lr, warmup_steps=20)
 
 
 def build_models(hidden: int, layers: int, heads: int, window: int, vocab: int, length: int):

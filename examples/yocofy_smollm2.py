@@ -23,31 +23,23 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from hf_yoco.convert import yocofy_llama
 from hf_yoco.data import build_shakespeare_corpus
 from hf_yoco.distill import load_smollm2
 from hf_yoco.evaluation import sliding_window_perplexity
+from hf_yoco.training import fit_batches
 
 
 def fine_tune(model, ids: torch.Tensor, steps: int, seq_len: int, batch: int, lr: float) -> list[float]:
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 10))
     generator = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in tqdm(range(steps), desc="fine-tuning"):
+
+    def next_batch(_step: int) -> tuple[torch.Tensor, torch.Tensor]:  # random windows of the text, LM loss
         starts = torch.randint(0, ids.numel() - seq_len - 1, (batch,), generator=generator)
         inputs = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
-        loss = model(inputs, labels=inputs).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+        return inputs, inputs
+
+    return fit_batches(model, next_batch, steps, lr, warmup_steps=10, progress="fine-tuning")
 
 
 def main() -> None:

@@ -7,6 +7,8 @@ import torch
 from training_utils import hamlet, tiny_args
 from transformers import (
     AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -15,7 +17,7 @@ from transformers import (
 )
 
 from hf_yoco.cli import main as cli_main
-from hf_yoco.training import build_model, train
+from hf_yoco.training import build_model, fit_batches, train
 
 pytestmark = pytest.mark.transformers_compat
 
@@ -164,3 +166,19 @@ def test_cli_train_learns(tmp_path):
     metrics = {m["type"]: m["value"] for m in card.data.to_dict()["model-index"][0]["results"][0]["metrics"]}
     assert metrics["eval_loss"] == pytest.approx(summary["eval_loss_after"])
     assert "20 steps of the stock `Trainer`" in card.text
+
+
+def test_fit_batches_warms_up_clips_and_learns_a_fixed_batch():
+    """The small loop of the examples and the passkey study: a repeated batch is learnt, the first step runs at
+    1/warmup of the rate, and each call of `next_batch` gets its step number."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))  # fmt: skip
+    ids = torch.randint(0, 32, (2, 12))
+    steps_seen, before = [], [p.detach().clone() for p in model.parameters()]
+    first = fit_batches(model, lambda step: (steps_seen.append(step), (ids, ids))[1], 1, 1e-2, warmup_steps=10)
+    moved = max((p.detach() - b).abs().max().item() for p, b in zip(model.parameters(), before))
+    assert moved <= 1e-3 + 1e-6  # Adam's first step moves each weight by at most the (warmed-up) rate: 1e-2 / 10
+    losses = fit_batches(model, lambda step: (steps_seen.append(step), (ids, ids))[1], 60, 1e-2, warmup_steps=5)
+    assert steps_seen == [0, *range(60)] and len(losses) == 60
+    assert losses[-1] < 0.5 * first[0]

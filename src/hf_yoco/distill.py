@@ -416,12 +416,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.smoke:  # tiny everything unless set explicitly
-        defaults = dict(max_steps=240, seq_len=1024, eval_tokens=4096, eval_window=2048, retrieval_lengths=[3072, 4096],
-                        sliding_window=2048, eval_steps=40, save_steps=40, logging_steps=5, calibration_tokens=16384)  # fmt: skip
+        defaults = argparse.ArgumentParser()
+        add_arguments(defaults)
         smoke = dict(max_steps=3, seq_len=32, eval_tokens=256, eval_window=64, retrieval_lengths=[96],
                      sliding_window=16, eval_steps=2, save_steps=2, logging_steps=1, calibration_tokens=1024)  # fmt: skip
         for key, value in smoke.items():
-            if getattr(args, key) == defaults[key]:
+            if getattr(args, key) == defaults.get_default(key):
                 setattr(args, key, value)
         args.retrieval_trials = min(args.retrieval_trials, 1)
     if args.eval_window < 2:

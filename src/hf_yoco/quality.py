@@ -270,21 +270,22 @@ def decode_tokens_per_second(model, settings: StudySettings) -> float:
 SCALE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "steps")
 
 
+def _training_view(settings: dict[str, Any], scale_name: str) -> dict[str, Any]:
+    """The part of whole study settings (as a dict) that a run of `scale_name` depends on."""
+    shared = {k: v for k, v in settings.items() if k != "scales" and not k.startswith("passkey_")}
+    scale = settings["scales"].get(scale_name, {})
+    return {**shared, "scale": {k: scale.get(k) for k in SCALE_FIELDS}}
+
+
 def training_settings(settings: StudySettings, scale_name: str) -> dict[str, Any]:
     """What a trained run of `scale_name` depends on (as JSON reads it back): the shared recipe and its own scale's
     size and steps (not which other models or scales the study holds). A finished run is reused if they match."""
-    shared = {k: v for k, v in asdict(settings).items() if k != "scales" and not k.startswith("passkey_")}
-    scale = asdict(settings.scales[scale_name])
-    return json.loads(json.dumps({**shared, "scale": {k: scale[k] for k in SCALE_FIELDS}}))
+    return json.loads(json.dumps(_training_view(asdict(settings), scale_name)))
 
 
 def _stored_training_settings(stored: dict[str, Any] | None, scale_name: str) -> dict[str, Any] | None:
     """`training_settings` of a run.json (also of one written with the whole settings, before `scale` existed)."""
-    if not stored or "scales" not in stored:
-        return stored
-    shared = {k: v for k, v in stored.items() if k != "scales" and not k.startswith("passkey_")}
-    scale = stored["scales"].get(scale_name, {})
-    return {**shared, "scale": {k: scale.get(k) for k in SCALE_FIELDS}}
+    return _training_view(stored, scale_name) if stored and "scales" in stored else stored
 
 
 def run_study(settings: StudySettings, output_dir: Path, data_dir: Path, models_dir: Path) -> dict[str, Any]:
@@ -328,23 +329,26 @@ def run_study(settings: StudySettings, output_dir: Path, data_dir: Path, models_
 PASSKEY_DIGITS = 4
 
 
-def _passkey_phrases(tokenizer) -> tuple[list[int], list[int], list[int]]:
+def passkey_phrases(tokenizer) -> tuple[list[int], list[int], list[int]]:
+    """Token ids of the fixed text around the key: the intro, its closing ". ", and the question."""
     return tuple(tokenizer(text, add_special_tokens=False).input_ids
                  for text in (" The pass key is ", ". ", " What is the pass key? The pass key is "))  # fmt: skip
 
 
-def passkey_overhead(tokenizer) -> int:
+def passkey_overhead(phrases: tuple[list[int], ...]) -> int:
     """Tokens of a passkey sequence that are not filler (the phrases and both copies of the digits)."""
-    return sum(len(ids) for ids in _passkey_phrases(tokenizer)) + 2 * PASSKEY_DIGITS
+    return sum(len(ids) for ids in phrases) + 2 * PASSKEY_DIGITS
 
 
-def passkey_batch(tokenizer, filler_blocks, count: int, length: int, generator: torch.Generator):
+def passkey_batch(tokenizer, filler_blocks, count: int, length: int, generator: torch.Generator, phrases=None):
     """`count` sequences of `length` tokens: "The pass key is d d d d." at the start, real text (random training or
     held-out blocks) as filler, "What is the pass key? The pass key is d d d d" at the end; labels on the four answer
-    digits only (each digit a single byte-level token)."""
+    digits only (each digit a single byte-level token). `phrases`: `passkey_phrases(tokenizer)`, computed once by
+    callers that build many batches."""
     digit_ids = torch.tensor([tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)])
-    intro, outro, question = _passkey_phrases(tokenizer)
-    filler_length = length - passkey_overhead(tokenizer)
+    phrases = phrases or passkey_phrases(tokenizer)
+    intro, outro, question = phrases
+    filler_length = length - passkey_overhead(phrases)
     if filler_length < 1:
         raise ValueError(f"passkey_length {length} leaves no room for filler text")
     rows, labels = [], []
@@ -370,14 +374,17 @@ def passkey_length(settings: StudySettings, step: int) -> int:
 
 def passkey_test(settings: StudySettings, data_dir: Path, models_dir: Path, scale_name: str = "small") -> dict:
     """Fine-tune each trained model of `scale_name` on passkeys beyond the window, then score held-out keys."""
+    from datasets import concatenate_datasets
     from transformers import AutoModelForCausalLM
 
-    tokenizer, train_set, eval_sets = study_data(settings, data_dir)
-    from datasets import concatenate_datasets
+    from .training import fit_batches
 
+    tokenizer, train_set, eval_sets = study_data(settings, data_dir)
     held_out = concatenate_datasets(list(eval_sets.values()))
+    phrases = passkey_phrases(tokenizer)
     test_ids, test_labels = passkey_batch(tokenizer, held_out, settings.passkey_samples, settings.passkey_length,
-                                          torch.Generator().manual_seed(1234))  # fmt: skip
+                                          torch.Generator().manual_seed(1234), phrases)  # fmt: skip
+    floor = passkey_overhead(phrases) + 1  # the curriculum's shortest sequence still holds some filler
     scale = settings.scales[scale_name]
     results = {"scale": scale_name, "length": settings.passkey_length, "steps": settings.passkey_steps,
                "start_length": settings.passkey_start_length, "curriculum": settings.passkey_curriculum,
@@ -390,22 +397,14 @@ def passkey_test(settings: StudySettings, data_dir: Path, models_dir: Path, scal
             continue  # one seed per architecture, the architectures of this study (`--only`)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(folder)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.passkey_learning_rate, weight_decay=0.0)
-        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 20))
         generator = torch.Generator().manual_seed(0)
-        model.train()
+
+        def next_batch(step: int, generator: torch.Generator = generator) -> tuple[torch.Tensor, torch.Tensor]:
+            length = max(passkey_length(settings, step), floor)
+            return passkey_batch(tokenizer, train_set, settings.passkey_batch, length, generator, phrases)
+
         start = time.perf_counter()
-        losses = []
-        for step in range(settings.passkey_steps):
-            length = max(passkey_length(settings, step), passkey_overhead(tokenizer) + 1)  # the curriculum's floor
-            ids, labels = passkey_batch(tokenizer, train_set, settings.passkey_batch, length, generator)
-            loss = model(ids, labels=labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            warmup.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
+        losses = fit_batches(model, next_batch, settings.passkey_steps, settings.passkey_learning_rate)
         model.eval()
         with torch.no_grad():
             predictions = model(test_ids).logits[:, -PASSKEY_DIGITS - 1 : -1].argmax(-1)  # logits at t predict t+1

@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -173,6 +174,35 @@ def training_arguments(args: argparse.Namespace, **overrides: Any):
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
+
+
+def fit_batches(
+    model: torch.nn.Module,
+    next_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
+    learning_rate: float,
+    warmup_steps: int = 20,
+    progress: str | None = None,
+) -> list[float]:
+    """A small fine-tuning loop for examples and quick studies (the `Trainer` is for real runs): AdamW (no weight
+    decay), linear warmup then a constant rate, gradients clipped at 1.0. `next_batch(step)` returns `(input_ids,
+    labels)`; `progress` names a tqdm bar (None: no bar). Returns the loss of every step."""
+    from tqdm.auto import tqdm
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(warmup_steps, 1)))
+    model.train()
+    losses = []
+    for step in tqdm(range(steps), desc=progress, disable=progress is None):
+        input_ids, labels = next_batch(step)
+        loss = model(input_ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
 
 
 def param_checksum(model: torch.nn.Module) -> float:

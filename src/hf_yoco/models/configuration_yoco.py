@@ -19,10 +19,10 @@ class YocoConfig(PreTrainedConfig):
 
     The first `num_self_decoder_layers` layers (half by default) form the *self-decoder* (sliding-window attention or
     gated retention, constant-size state); its output is normalized and projected **once** into a global K/V that
-    every layer of the *cross-decoder* (the remaining layers) attends to. `layer_types` and `kv_sharing_modes` express this to transformers'
-    cache machinery, so `DynamicCache(config=config)` / `StaticCache(config=config, ...)` build
-    `[sliding|linear] * S + [full ("store", the global K/V)] + [dummy ("reuse")] * (L - S - 1)` for S self-decoder
-    layers.
+    every layer of the *cross-decoder* (the remaining layers) attends to. `layer_types` and `kv_sharing_modes`
+    express this to transformers' cache machinery, so `DynamicCache(config=config)` / `StaticCache(config=config,
+    ...)` build `[sliding|linear] * S + [full ("store", the global K/V)] + [dummy ("reuse")] * (L - S - 1)` for S
+    self-decoder layers.
 
     The model type is `"hf_yoco"` (flash-linear-attention registers `"yoco"` for its own port).
 
@@ -105,11 +105,9 @@ class YocoConfig(PreTrainedConfig):
     layer_types: list[str] | None = None
 
     def __post_init__(self, **kwargs):
-        if self.num_self_decoder_layers is None and isinstance(self.num_hidden_layers, int):
-            if (
-                self.num_hidden_layers >= 2 and self.num_hidden_layers % 2 == 0
-            ):  # else `validate_architecture` says why
-                self.num_self_decoder_layers = self.num_hidden_layers // 2
+        layers = self.num_hidden_layers
+        if self.num_self_decoder_layers is None and isinstance(layers, int) and layers >= 2 and layers % 2 == 0:
+            self.num_self_decoder_layers = layers // 2  # the paper's half/half (else `validate_architecture` says why)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads == 0:
