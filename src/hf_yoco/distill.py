@@ -5,8 +5,9 @@ Conversion (`hf_yoco.convert.yocofy_llama`) keeps every weight it can: layers `0
 their q/o projections, norms and MLPs as the cross-decoder. What the conversion *changed* is that every cross layer
 now reads one shared K/V instead of its own. `calibrate_shared_kv` starts it in closed form (the shared K/V that
 the cross layers' own keys and values are best predicted from, and per-layer maps folded into their q/o
-projections); distillation then trains exactly those parts (the global K/V's norm and projections, each cross layer's q/o projections and input norm; optionally
-LoRA adapters on the cross-decoder MLPs) to match the original model's next-token distribution:
+projections); distillation then trains exactly those parts (the global K/V's norm and projections, each cross
+layer's q/o projections and input norm; optionally LoRA adapters on the cross-decoder MLPs) to match the original
+model's next-token distribution:
 
     loss = kl_weight * T^2 * KL(teacher_T || student_T) + (1 - kl_weight) * LM loss
 
