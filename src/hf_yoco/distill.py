@@ -240,8 +240,8 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
     results["teacher_ppl"] = evaluate(teacher, eval_texts, args.eval_window, progress)
     split = args.self_decoder_layers or default_self_decoder_layers(teacher.config.num_hidden_layers)
     if split >= teacher.config.num_hidden_layers:
-        raise ValueError(f"--self-decoder-layers must be below the teacher's {teacher.config.num_hidden_layers} layers, "
-                         f"got {split}")  # fmt: skip
+        raise ValueError(f"--self-decoder-layers must be below the teacher's {teacher.config.num_hidden_layers} "
+                         f"layers, got {split}")  # fmt: skip
     student = yocofy_llama(teacher, "sliding_window", args.sliding_window, num_self_decoder_layers=split)
     results["self_decoder_layers"] = split
     results["converted_ppl"] = evaluate(student, eval_texts, args.eval_window, progress)
@@ -419,8 +419,8 @@ def run(args: argparse.Namespace) -> int:
     if args.smoke:  # tiny everything unless set explicitly
         defaults = argparse.ArgumentParser()
         add_arguments(defaults)
-        smoke = dict(max_steps=3, seq_len=32, eval_tokens=256, eval_window=64, retrieval_lengths=[96],
-                     sliding_window=16, eval_steps=2, save_steps=2, logging_steps=1, calibration_tokens=1024)  # fmt: skip
+        smoke = dict(max_steps=3, seq_len=32, eval_tokens=256, eval_window=64, retrieval_lengths=[96], sliding_window=16,
+                     eval_steps=2, save_steps=2, logging_steps=1, calibration_tokens=1024)  # fmt: skip
         for key, value in smoke.items():
             if getattr(args, key) == defaults.get_default(key):
                 setattr(args, key, value)
