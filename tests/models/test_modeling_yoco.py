@@ -783,3 +783,102 @@ def test_global_kv_appends_in_place_and_backprop_through_the_cache_works():
     step = model(input_ids[:, 8:9], cache=output_cache(out))
     (out.logits.sum() + step.logits.sum()).backward()
     assert model.model.global_kv.k_proj.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------- attention sinks
+
+SINKS = 2
+
+
+def sink_model(**overrides) -> YocoForCausalLM:
+    return tiny_model("sliding_window", attention_sink_tokens=SINKS, **overrides)
+
+
+def test_attention_sink_semantics():
+    """A self-decoder layer sees its window plus the first S tokens: a sink beyond the window reaches the last
+    position's layer output, the first non-sink token beyond it does not; without sinks neither does."""
+    input_ids = torch.randint(1, 64, (1, 16))
+    last = input_ids.shape[1] - 1
+
+    def layer0(model, ids):
+        return model.model(ids, output_hidden_states=True, use_cache=False).hidden_states[1][0, last]
+
+    def change(position):
+        ids = input_ids.clone()
+        ids[0, position] = ids[0, position] % 63 + 1
+        return ids
+
+    model, plain = sink_model(), tiny_model("sliding_window")
+    assert (layer0(model, change(SINKS - 1)) - layer0(model, input_ids)).abs().max() > 1e-4
+    torch.testing.assert_close(layer0(model, change(SINKS)), layer0(model, input_ids), atol=0, rtol=0)
+    torch.testing.assert_close(layer0(plain, change(0)), layer0(plain, input_ids), atol=0, rtol=0)
+    # Within the first window sinks change nothing: same weights, same logits.
+    torch.testing.assert_close(model(input_ids[:, :WINDOW]).logits, plain(input_ids[:, :WINDOW]).logits)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_attention_sinks_cached_chunked_and_padded_equal_the_full_forward(implementation):
+    """With sinks: incremental decoding (the cached sinks go before the window), chunked prefill with padding, a
+    left-padded batch (each row's sinks are its own first tokens) all give the plain forward's logits / tokens."""
+    model = sink_model()
+    model.config._attn_implementation = implementation
+    input_ids = torch.randint(1, 64, (2, 17))
+    full = model(input_ids, use_cache=False).logits
+    for prefill in (1, 3, 9):
+        incremental, cache = _incremental_logits(model, input_ids, prefill)
+        torch.testing.assert_close(incremental, full, atol=ATOL, rtol=0)
+    assert cache.layers[0].sink_positions.tolist() == [[0, 1], [0, 1]]
+    mask = torch.ones_like(input_ids)
+    mask[0, :7] = 0  # more padding than the window: row 0's sinks are positions 7 and 8
+    one_shot = model(input_ids, attention_mask=mask, use_cache=True)
+    model.config.self_decoder_chunk_size = 3
+    in_chunks = model(input_ids, attention_mask=mask, use_cache=True)
+    real = mask.bool()  # padded queries see nothing; eager fills their rows arbitrarily
+    torch.testing.assert_close(in_chunks.logits[real], one_shot.logits[real], atol=ATOL, rtol=0)
+    assert output_cache(in_chunks).layers[1].sink_positions.tolist() == [[7, 8], [0, 1]]
+    model.config.self_decoder_chunk_size = "auto"
+    rows = [torch.randint(1, 64, (n,)) for n in (4, 13, 9)]
+    ids, mask = _left_pad(rows)
+    batch_logits = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    for i, row in enumerate(rows):
+        torch.testing.assert_close(batch_logits[i, -len(row) :], model(row[None]).logits[0], atol=ATOL, rtol=0)
+    generated = greedy(model, ids, attention_mask=mask, max_new_tokens=12)[:, ids.shape[1] :]
+    for i, row in enumerate(rows):
+        assert torch.equal(generated[i], greedy(model, row[None], max_new_tokens=12)[0, len(row) :])
+
+
+def test_attention_sinks_generate_beams_lookup_and_packed_sequences():
+    model = sink_model()
+    prompt = torch.randint(1, 64, (2, 9))
+    plain = greedy(model, prompt, max_new_tokens=10)
+    assert torch.equal(greedy(model, prompt, max_new_tokens=10, use_cache=False), plain)
+    repetitive = prompt[:1].repeat(1, 2)  # prompt lookup proposes (and crops) drafts
+    assert torch.equal(
+        greedy(model, repetitive, max_new_tokens=10, prompt_lookup_num_tokens=3),
+        greedy(model, repetitive, max_new_tokens=10),
+    )
+    beams = greedy(model, prompt, max_new_tokens=8, num_beams=3)  # beam reorder moves the sinks too
+    manual = [greedy(model, row[None], max_new_tokens=8, num_beams=3)[0] for row in prompt]
+    assert torch.equal(beams, torch.stack(manual))
+    ids, position_ids, rows = _packed([3, 9, 7])  # each packed sequence has its own sinks
+    packed = model(ids, position_ids=position_ids).logits
+    torch.testing.assert_close(packed, torch.cat([model(seq).logits for seq in rows[0]], 1), atol=ATOL, rtol=0)
+
+
+def test_attention_sinks_memory_and_refusals():
+    model = sink_model()
+    cache = output_cache(model(torch.randint(1, 64, (2, 20)), use_cache=True))
+    rows = (WINDOW - 1 + SINKS) * 2 * 2  # (W - 1 + S) keys and values in each of the 2 self-decoder layers
+    head_bytes = model.config.num_key_value_heads * model.config.head_dim * 4  # fp32
+    assert cache.memory_bytes()["self_decoder"] == 2 * rows * head_bytes  # batch of 2
+    with pytest.raises(ValueError, match="`attention_sink_tokens` must be an int >= 0"):
+        tiny_config("sliding_window", attention_sink_tokens=-1)
+    with pytest.raises(ValueError, match="`attention_sink_tokens` is only used by"):
+        tiny_config("gated_retention", attention_sink_tokens=4)
+    with pytest.raises(ValueError, match="static YOCO cache does not keep attention sinks"):
+        greedy(model, torch.randint(1, 64, (1, 4)), cache_implementation="static")
+    with pytest.raises(ValueError, match="needs YocoCache"):
+        model(torch.randint(1, 64, (1, 4)), cache=DynamicCache(config=model.config))
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="`attention_sink_tokens` needs attn_implementation"):
+        model(torch.randint(1, 64, (1, 4)))

@@ -44,6 +44,13 @@ class YocoConfig(PreTrainedConfig):
         sliding_window (`int`, *optional*):
             Window W of the SWA self-decoder; token t attends to keys t-W+1..t (W keys, current token included).
             Required for, and only valid with, `self_decoder_type="sliding_window"`.
+        attention_sink_tokens (`int`, defaults to 0):
+            Attention sinks of the sliding-window self-decoder (Xiao et al., 2023, StreamingLLM): the first
+            `attention_sink_tokens` tokens of each sequence (padding excluded) stay visible to every later token
+            beside its window, at a constant cost of that many cached keys per layer. Pretrained softmax attention
+            parks surplus attention on the first tokens; a window that drops them degrades every position beyond
+            it, so conversions of pretrained models (`hf-yoco distill`) keep 4. Only valid with
+            `self_decoder_type="sliding_window"`; not supported by the static cache or continuous batching.
         num_retention_heads (`int`, *optional*):
             Heads of gated retention (defaults to `num_attention_heads`); key and value head size is
             `hidden_size // num_retention_heads`. Only valid with `self_decoder_type="gated_retention"`.
@@ -96,6 +103,7 @@ class YocoConfig(PreTrainedConfig):
     attention_dropout: float = 0.0
     self_decoder_type: str = "gated_retention"
     sliding_window: int | None = None
+    attention_sink_tokens: int = 0
     num_retention_heads: int | None = None
     gate_logit_normalizer: float = 16.0
     retention_chunk_size: int = 64
@@ -194,6 +202,9 @@ class YocoConfig(PreTrainedConfig):
                     "transformers' sliding-window cache cannot hold the empty past of a window of 1) when "
                     f"`self_decoder_type='sliding_window'`, got {self.sliding_window!r}."
                 )
+            sinks = self.attention_sink_tokens
+            if not isinstance(sinks, int) or isinstance(sinks, bool) or sinks < 0:
+                raise ValueError(f"`attention_sink_tokens` must be an int >= 0, got {sinks!r}.")
             if self.num_retention_heads is not None:
                 raise ValueError(
                     "`num_retention_heads` is only used by `self_decoder_type='gated_retention'`; "
@@ -204,6 +215,11 @@ class YocoConfig(PreTrainedConfig):
                 raise ValueError(
                     "`sliding_window` is only used by `self_decoder_type='sliding_window'`; "
                     f"got {self.sliding_window} with 'gated_retention'. Set it to None."
+                )
+            if self.attention_sink_tokens:
+                raise ValueError(
+                    "`attention_sink_tokens` is only used by `self_decoder_type='sliding_window'`; "
+                    f"got {self.attention_sink_tokens!r} with 'gated_retention'. Set it to 0."
                 )
             heads = self.num_retention_heads or self.num_attention_heads
             if heads <= 0 or self.hidden_size % heads or (self.hidden_size // heads) % 2:

@@ -347,13 +347,59 @@ class YocoRetentionLayer(LinearAttentionLayer):
 class YocoSlidingWindowLayer(DynamicSlidingWindowLayer):
     """transformers' sliding-window layer, compacted after a multi-token update (a prefill chunk): the W - 1 keys it
     keeps are then a view of the whole chunk's K/V, so the chunk (W - 1 + C rows) would stay allocated; a copy frees
-    it. Decode steps keep transformers' behaviour (one spare row)."""
+    it. Decode steps keep transformers' behaviour (one spare row).
+
+    With `sink_tokens` = S > 0 (`config.attention_sink_tokens`) it also keeps each row's attention sinks, its first S
+    non-padding keys/values (`sink_keys` / `sink_values` `[B, H_kv, S, D]`, absolute positions `sink_positions`
+    `[B, S]`, -1 = not seen yet), recorded by `update_sinks` and put before the window by `prepend_sinks` once the
+    window no longer starts at position 0."""
+
+    def __init__(self, sliding_window: int, sink_tokens: int = 0, **kwargs) -> None:
+        super().__init__(sliding_window=sliding_window, **kwargs)
+        self.sink_tokens = sink_tokens
+        self.sink_keys = self.sink_values = self.sink_positions = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         out = super().update(key_states, value_states, *args, **kwargs)
         if not self.record_past and key_states.shape[-2] > 1:
             self.keys, self.values = self.keys.clone(), self.values.clone()
         return out
+
+    def update_sinks(self, key_states: torch.Tensor, value_states: torch.Tensor, sink_flags: torch.Tensor) -> None:
+        """Record the sinks among the next `update`'s tokens (call it first). `sink_flags` `[B, T]`: which of them are
+        sinks (at most S per row over the whole sequence, in order)."""
+        batch, heads, length, dim = key_states.shape
+        sinks = self.sink_tokens
+        if self.sink_positions is None:
+            self.sink_keys = key_states.new_zeros(batch, heads, sinks, dim)
+            self.sink_values = value_states.new_zeros(batch, heads, sinks, value_states.shape[-1])
+            self.sink_positions = torch.full((batch, sinks), -1, dtype=torch.long, device=key_states.device)
+        filled = (self.sink_positions >= 0).sum(-1, keepdim=True)  # [B, 1]
+        rank = filled + sink_flags.long().cumsum(-1) - 1  # [B, T]: the sink slot of each flagged token
+        slots = torch.where(sink_flags & (rank < sinks), rank, sinks)  # slot S: a scratch row, dropped below
+        positions = torch.arange(length, device=key_states.device) + self.cumulative_length  # [T]
+        index = slots[:, None, :, None]  # [B, 1, T, 1]
+
+        def scatter(buffer: torch.Tensor, new: torch.Tensor) -> torch.Tensor:  # out of place: safe under autograd
+            padded = torch.cat([buffer, buffer[..., :1, :]], dim=-2)  # [B, H, S + 1, D]
+            return padded.scatter(-2, index.expand(-1, new.shape[1], -1, new.shape[-1]), new)[..., :sinks, :]
+
+        self.sink_keys, self.sink_values = scatter(self.sink_keys, key_states), scatter(self.sink_values, value_states)
+        padded = torch.cat([self.sink_positions, self.sink_positions[:, :1]], dim=-1)
+        self.sink_positions = padded.scatter(-1, slots, positions.expand(batch, -1))[:, :sinks]
+
+    def prepend_sinks(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[sinks | window]` keys and values: the S sink columns of the mask come first (`sink_mask_columns`)."""
+        return torch.cat([self.sink_keys, key_states], dim=-2), torch.cat([self.sink_values, value_states], dim=-2)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if self.sink_positions is not None:  # sinks at removed positions are forgotten (they come again)
+            self.sink_positions = self.sink_positions.masked_fill(self.sink_positions >= self.cumulative_length, -1)
+
+    def reset(self) -> None:
+        super().reset()
+        self.sink_keys = self.sink_values = self.sink_positions = None
 
 
 class YocoCacheBatchMixin(BatchMapCacheMixin):
@@ -371,6 +417,9 @@ class YocoCacheBatchMixin(BatchMapCacheMixin):
                     layer._map_rollback(fn)
             elif isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.numel():
                 layer.keys, layer.values = fn(layer.keys), fn(layer.values)
+                if getattr(layer, "sink_positions", None) is not None:
+                    layer.sink_keys, layer.sink_values = fn(layer.sink_keys), fn(layer.sink_values)
+                    layer.sink_positions = fn(layer.sink_positions)
                 if isinstance(layer, YocoGlobalKVLayer):  # the views were replaced: the next update re-adopts them
                     layer._key_buffer = layer._value_buffer = None
 
@@ -399,7 +448,7 @@ class YocoCache(YocoCacheBatchMixin, DynamicCache):
             if self.self_decoder_type == "gated_retention":
                 self.layers[i] = YocoRetentionLayer()
             else:
-                self.layers[i] = YocoSlidingWindowLayer(sliding_window=config.sliding_window)
+                self.layers[i] = YocoSlidingWindowLayer(config.sliding_window, config.attention_sink_tokens)
 
     @property
     def global_key_values(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -492,6 +541,11 @@ class YocoStaticCache(YocoCacheBatchMixin, StaticCache):
     and tensor addresses, so the compiled step is replayed as one graph."""
 
     def __init__(self, config: YocoConfig, max_cache_len: int, offloading: bool = False, **kwargs) -> None:
+        if config.attention_sink_tokens:
+            raise ValueError(
+                "the static YOCO cache does not keep attention sinks (`attention_sink_tokens` = "
+                f"{config.attention_sink_tokens}); use the dynamic YocoCache (the default of generate())"
+            )
         super().__init__(config=config, max_cache_len=max_cache_len, offloading=offloading, **kwargs)
         self.max_cache_len = max_cache_len
         self.num_self_decoder_layers = config.num_self_decoder_layers
@@ -527,6 +581,8 @@ def _memory_bytes(cache: YocoCache | YocoStaticCache) -> dict[str, int]:
             self_decoder += tensor_bytes(*layer.recurrent_states.values(), *layer.conv_states.values())
         elif getattr(layer, "is_initialized", False):
             self_decoder += tensor_bytes(layer.keys, layer.values)
+            if getattr(layer, "sink_positions", None) is not None:
+                self_decoder += tensor_bytes(layer.sink_keys, layer.sink_values)
     layer = cache.layers[cache.global_kv_layer_idx]
     keys, values = cache.global_key_values
     if isinstance(layer, StaticLayer):  # preallocated: the filled positions are what the cache logically holds
@@ -583,7 +639,8 @@ class YocoScaledEmbedding(nn.Embedding):
 
 
 class YocoSlidingWindowAttention(nn.Module):
-    """Self-decoder mixer: causal GQA attention over the last `sliding_window` keys (current token included)."""
+    """Self-decoder mixer: causal GQA attention over the last `sliding_window` keys (current token included), plus the
+    sequence's first `attention_sink_tokens` keys (attention sinks) when configured."""
 
     def __init__(self, config: YocoConfig, layer_idx: int) -> None:
         super().__init__()
@@ -593,6 +650,7 @@ class YocoSlidingWindowAttention(nn.Module):
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
         self.sliding_window = config.sliding_window
+        self.sink_tokens = config.attention_sink_tokens
         self.is_causal = True
         self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
@@ -605,8 +663,10 @@ class YocoSlidingWindowAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
+        sink_flags: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`sink_flags` (`[B, T]` bool, with attention sinks and a cache): which of the tokens are sinks."""
         batch, length, _ = hidden_states.shape
         shape = (batch, length, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # [B, H, T, D]
@@ -615,7 +675,13 @@ class YocoSlidingWindowAttention(nn.Module):
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin, self.config.official_numerics)
         if cache is not None:  # cached last W-1 keys + the new ones
+            layer = cache.layers[self.layer_idx]
+            window_started = self.sink_tokens and layer.get_mask_sizes(length)[1] > 0  # sinks may have left it
+            if self.sink_tokens:
+                layer.update_sinks(key, value, sink_flags)
             key, value = cache_update(cache, key, value, self.layer_idx, kwargs)
+            if window_started:  # [B, H_kv, S + K, D]: the sinks, then the window (the mask has S columns first)
+                key, value = layer.prepend_sinks(key, value)
         attn_output, attn_weights = attention_forward(
             self,
             query,
@@ -998,6 +1064,10 @@ class YocoModel(YocoPreTrainedModel):
         half = self.num_self_decoder_layers
         if self.config.self_decoder_type == "gated_retention":
             self_layers_fit = all(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in cache.layers[:half])
+        elif self.config.attention_sink_tokens:
+            self_layers_fit = all(
+                getattr(layer, "sink_tokens", None) == self.config.attention_sink_tokens for layer in cache.layers[:half]
+            )
         else:
             self_layers_fit = all(getattr(layer, "is_sliding", False) for layer in cache.layers[:half])
         if len(cache.layers) != self.config.num_hidden_layers or not self_layers_fit:
@@ -1022,13 +1092,21 @@ class YocoModel(YocoPreTrainedModel):
         cache: Cache | None,
         position_ids: torch.Tensor,
         cache_positions: torch.Tensor,
+        sink_flags: torch.Tensor | None = None,
+        packed_sequences: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """4D sliding-window mask (SWA) or the 2D padding mask of the current tokens (gated retention).
-        `cache_positions` (`[T]`): the absolute index of each current token (its column in `attention_mask`)."""
+        `cache_positions` (`[T]`): the absolute index of each current token (its column in `attention_mask`);
+        `sink_flags` (`[B, N]`, with attention sinks): which of the positions up to the current ones are sinks;
+        `packed_sequences`: the sequence index per token of packed inputs."""
         if self.config.self_decoder_type == "sliding_window":
             ring = cache.layers[0] if cache is not None else None
             if isinstance(ring, YocoRingWindowLayer):
                 return self._ring_window_mask(inputs_embeds, attention_mask, ring, cache_positions)
+            if self.config.attention_sink_tokens:
+                return self._sink_window_mask(
+                    inputs_embeds, attention_mask, cache, sink_flags, cache_positions, packed_sequences
+                )
             return create_sliding_window_causal_mask(
                 config=self.config,
                 inputs_embeds=inputs_embeds,
@@ -1042,6 +1120,83 @@ class YocoModel(YocoPreTrainedModel):
         if attention_mask is None or attention_mask.ndim != 2:
             return None
         return attention_mask.index_select(1, cache_positions)
+
+    def _sink_flags(
+        self,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        packed_sequences: torch.Tensor | None,
+        batch_size: int,
+        total_length: int,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """`[B, total_length]` bool: the attention sinks among the absolute positions 0..total_length-1, i.e. the first
+        `attention_sink_tokens` non-padding tokens of each row (of each packed sequence)."""
+        sinks = self.config.attention_sink_tokens
+        if attention_mask is not None and attention_mask.ndim == 2:
+            valid = attention_mask[:, :total_length].to(device=device, dtype=torch.bool)
+            return valid & (valid.cumsum(-1) <= sinks)
+        if packed_sequences is not None:  # no cache: the positions are the keys'
+            return (position_ids < sinks).expand(batch_size, -1)
+        return (torch.arange(total_length, device=device) < sinks).expand(batch_size, -1)
+
+    def _sink_window_mask(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+        sink_flags: torch.Tensor,
+        cache_positions: torch.Tensor,
+        packed_sequences: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Sliding-window mask with attention sinks: the query at absolute position q sees key p when `p <= q` and
+        (`q - W < p` or p is a sink), and p is not padding. Once the cached window no longer starts at position 0,
+        the S sink columns come first (the layers put the cached sinks before the window: `prepend_sinks`), each
+        visible when its sink has left the window."""
+        implementation = self.config._attn_implementation
+        if implementation not in ("sdpa", "eager"):
+            raise ValueError(
+                f"`attention_sink_tokens` needs attn_implementation 'sdpa' or 'eager' (the sinks need an explicit "
+                f"mask; the Triton kernels take them on the 'sdpa' path), got {implementation!r}"
+            )
+        if attention_mask is not None and attention_mask.ndim != 2:
+            raise ValueError("`attention_sink_tokens` needs a 2D (padding) `attention_mask`; a custom 4D mask was given")
+        batch, length = inputs_embeds.shape[:2]
+        kv_length, kv_offset = cache.get_mask_sizes(length, 0) if cache is not None else (length, 0)
+        window = self.config.sliding_window
+
+        def visible(batch_idx, head_idx, q_idx, kv_idx):
+            in_window = (q_idx - kv_idx < window) | sink_flags[batch_idx, kv_idx]
+            return (kv_idx <= q_idx) & in_window
+
+        if packed_sequences is not None:
+            visible = and_masks(visible, packed_sequence_mask_function(packed_sequences))
+        mask = ALL_MASK_ATTENTION_FUNCTIONS[implementation](
+            batch_size=batch,
+            q_length=length,
+            kv_length=kv_length,
+            q_offset=cache_positions[0],
+            kv_offset=kv_offset,
+            mask_function=visible,
+            attention_mask=None if attention_mask is None else attention_mask.to(torch.bool),
+            allow_is_causal_skip=False,
+            dtype=inputs_embeds.dtype,
+            config=self.config,
+            use_vmap=False,
+            device=inputs_embeds.device,
+        )  # [B, 1, T, K]
+        if kv_offset == 0:
+            return mask
+        positions = cache.layers[0].sink_positions  # [B, S], before this forward (its new sinks are in the window)
+        if positions is None:
+            positions = torch.full((batch, self.config.attention_sink_tokens), -1, device=mask.device)
+        sink_visible = ((positions >= 0) & (positions < kv_offset))[:, None, None, :]  # [B, 1, 1, S]
+        sink_visible = sink_visible.expand(mask.shape[0], 1, mask.shape[2], -1)
+        if mask.dtype != torch.bool:  # eager: additive float mask
+            sink_visible = torch.zeros_like(sink_visible, dtype=mask.dtype).masked_fill(
+                ~sink_visible, torch.finfo(mask.dtype).min
+            )
+        return torch.cat([sink_visible, mask], dim=-1)  # [B, 1, T, S + K]
 
     def _ring_window_mask(
         self,
@@ -1220,9 +1375,17 @@ class YocoModel(YocoPreTrainedModel):
             if chunked and attention_mask is not None:
                 chunk_mask = attention_mask[:, : past_seen + end]
             chunk_cache_positions = torch.arange(start, end, device=device) + past_seen  # [T_chunk]
+            sink_flags = None
+            if self.config.attention_sink_tokens:
+                sink_flags = self._sink_flags(
+                    chunk_mask, chunk_position_ids, packed_sequences, batch_size, past_seen + end, device
+                )  # [B, past + end]
+                if cache is not None:
+                    self_kwargs["sink_flags"] = sink_flags[:, past_seen + start :]
             self_mask = self._self_decoder_mask(
-                hidden_states, chunk_mask, cache, chunk_position_ids, chunk_cache_positions
-            )
+                hidden_states, chunk_mask, cache, chunk_position_ids, chunk_cache_positions, sink_flags,
+                packed_sequences,
+            )  # fmt: skip
             self_position_embeddings = self_rotary(hidden_states, chunk_position_ids)
             for layer in self.layers[: self.num_self_decoder_layers]:
                 hidden_states = layer(
@@ -1274,6 +1437,11 @@ class YocoModel(YocoPreTrainedModel):
         engine, retention states in per-request slots (`hf_yoco.continuous_batching`). Prefill early exit holds here
         too: the cross-decoder runs only on the rows whose logits are kept (`logits_to_keep`, the engine's
         `logits_indices`), when the masks allow selecting rows."""
+        if self.config.attention_sink_tokens:
+            raise ValueError(
+                "continuous batching does not keep attention sinks (`attention_sink_tokens` = "
+                f"{self.config.attention_sink_tokens}); use generate() for this model"
+            )
         for name in ("use_cache", "logits_indices", "logits_processor_args"):  # engine inputs the layers don't take
             engine_kwargs.pop(name, None)
         masks = attention_mask if isinstance(attention_mask, dict) else {}
