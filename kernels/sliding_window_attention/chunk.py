@@ -1,8 +1,9 @@
 """Causal (sliding-window) attention in Triton: flash-style online softmax, forward + backward, GQA.
 
 Queries are aligned bottom-right with the keys (query i sits at key position i + S - T, as with a KV cache), and
-query i sees keys j with `i + S - T - W < j <= i + S - T` (`W = window_size` keys, itself included; 0 = no window).
-Key blocks outside that band are skipped, so the cost is O(T * W) instead of O(T * S).
+query i sees keys j with `i + S - T - W < j <= i + S - T` (`W = window_size` keys, itself included; 0 = no window),
+plus the attention sinks `j < sinks` (causally). Key blocks outside that band and the sinks are skipped, so the cost
+is O(T * (W + sinks)) instead of O(T * S).
 The backward pass recomputes P from the saved log-sum-exp: one kernel for dq (over key blocks), one for dk/dv
 (per key block and KV head, looping over the query heads of its group, so no atomics are needed).
 Tiles: autotuned on a GPU over `GPU_TILES` x warps x stages (+ `SMALL_TILE`), once per (H, H_kv, D, window); one
@@ -33,7 +34,7 @@ autotune = triton.autotune(
         interpreter_tile=dict(zip(("BM", "BN"), INTERPRETER_TILE)),
         small_tile=dict(zip(("BM", "BN"), SMALL_TILE)),
     ),
-    key=["H", "HKV", "D", "WINDOW"],
+    key=["H", "HKV", "D", "WINDOW", "SINKS"],
 )
 
 
@@ -55,6 +56,7 @@ def attention_fwd_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     WINDOW: tl.constexpr,
+    SINKS: tl.constexpr,
 ):
     i_bh, i_m = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H  # int64 offsets: B * S * H * D can pass 2**31
@@ -74,6 +76,25 @@ def attention_fwd_kernel(
     lo = 0
     if WINDOW > 0:
         lo = tl.maximum(0, i_m * BM + off - WINDOW + 1) // BN * BN
+    # The sink blocks below the band first (`first`), then the band; a block is visited once.
+    first = 0
+    if SINKS > 0:
+        first = tl.minimum(lo, SINKS)
+    for start in range(0, first, BN):
+        o_n = start + tl.arange(0, BN)
+        m_n = (o_n < S) & (o_n < SINKS)
+        p_kv = ((i_b * S + o_n[:, None]) * HKV + i_hk) * D + o_d[None, :]
+        b_k = tl.load(k + p_kv, mask=m_n[:, None] & m_d[None, :], other=0)  # [BN, BD]
+        b_v = tl.load(v + p_kv, mask=m_n[:, None] & m_d[None, :], other=0)  # [BN, BD]
+        b_s = tl.dot(b_q, tl.trans(b_k)) * scale  # [BM, BN]
+        m_s = (o_n[None, :] <= o_m[:, None] + off) & m_n[None, :]
+        b_s = tl.where(m_s, b_s, NEG_INF)
+        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+        b_p = tl.where(m_s, tl.exp(b_s - b_mn[:, None]), 0)  # [BM, BN]
+        b_alpha = tl.exp(b_m - b_mn)
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        b_m = b_mn
     for start in range(lo, hi, BN):
         o_n = start + tl.arange(0, BN)
         m_n = o_n < S
@@ -83,7 +104,7 @@ def attention_fwd_kernel(
         b_s = tl.dot(b_q, tl.trans(b_k)) * scale  # [BM, BN]
         m_s = (o_n[None, :] <= o_m[:, None] + off) & m_n[None, :]
         if WINDOW > 0:
-            m_s = m_s & (o_n[None, :] > o_m[:, None] + off - WINDOW)
+            m_s = m_s & ((o_n[None, :] > o_m[:, None] + off - WINDOW) | (o_n[None, :] < SINKS))
         b_s = tl.where(m_s, b_s, NEG_INF)
         b_mn = tl.maximum(b_m, tl.max(b_s, 1))
         b_p = tl.where(m_s, tl.exp(b_s - b_mn[:, None]), 0)  # [BM, BN]
@@ -121,6 +142,7 @@ def attention_bwd_kernel_dq(
     BM: tl.constexpr,
     BN: tl.constexpr,
     WINDOW: tl.constexpr,
+    SINKS: tl.constexpr,
 ):
     i_bh, i_m = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H  # int64 offsets: B * S * H * D can pass 2**31
@@ -141,6 +163,20 @@ def attention_bwd_kernel_dq(
     lo = 0
     if WINDOW > 0:
         lo = tl.maximum(0, i_m * BM + off - WINDOW + 1) // BN * BN
+    first = 0
+    if SINKS > 0:
+        first = tl.minimum(lo, SINKS)
+    for start in range(0, first, BN):  # the sink blocks below the band
+        o_n = start + tl.arange(0, BN)
+        m_n = (o_n < S) & (o_n < SINKS)
+        p_kv = ((i_b * S + o_n[:, None]) * HKV + i_hk) * D + o_d[None, :]
+        b_k = tl.load(k + p_kv, mask=m_n[:, None] & m_d[None, :], other=0)  # [BN, BD]
+        b_v = tl.load(v + p_kv, mask=m_n[:, None] & m_d[None, :], other=0)  # [BN, BD]
+        m_s = (o_n[None, :] <= o_m[:, None] + off) & m_n[None, :] & m_m[:, None]
+        b_p = tl.where(m_s, tl.exp(tl.dot(b_q, tl.trans(b_k)) * scale - b_lse[:, None]), 0)  # [BM, BN]
+        b_dp = tl.dot(b_do, tl.trans(b_v))  # [BM, BN]
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
     for start in range(lo, hi, BN):
         o_n = start + tl.arange(0, BN)
         m_n = o_n < S
@@ -149,7 +185,7 @@ def attention_bwd_kernel_dq(
         b_v = tl.load(v + p_kv, mask=m_n[:, None] & m_d[None, :], other=0)  # [BN, BD]
         m_s = (o_n[None, :] <= o_m[:, None] + off) & m_n[None, :] & m_m[:, None]
         if WINDOW > 0:
-            m_s = m_s & (o_n[None, :] > o_m[:, None] + off - WINDOW)
+            m_s = m_s & ((o_n[None, :] > o_m[:, None] + off - WINDOW) | (o_n[None, :] < SINKS))
         b_p = tl.where(m_s, tl.exp(tl.dot(b_q, tl.trans(b_k)) * scale - b_lse[:, None]), 0)  # [BM, BN]
         b_dp = tl.dot(b_do, tl.trans(b_v))  # [BM, BN]
         b_ds = b_p * (b_dp - b_delta[:, None])
@@ -178,6 +214,7 @@ def attention_bwd_kernel_dkv(
     BM: tl.constexpr,
     BN: tl.constexpr,
     WINDOW: tl.constexpr,
+    SINKS: tl.constexpr,
 ):
     i_bhk, i_n = tl.program_id(0), tl.program_id(1)
     i_b, i_hk = (i_bhk // HKV).to(tl.int64), i_bhk % HKV
@@ -197,6 +234,8 @@ def attention_bwd_kernel_dkv(
     hi = T
     if WINDOW > 0:
         hi = tl.minimum(T, (i_n + 1) * BN - 1 - off + WINDOW)
+        if SINKS > 0:
+            hi = tl.where(i_n * BN < SINKS, T, hi)  # a block holding sinks is seen by every later query
     for i_g in range(G):
         i_h = i_hk * G + i_g
         for start in range(lo, hi, BM):
@@ -209,7 +248,7 @@ def attention_bwd_kernel_dkv(
             b_delta = tl.load(delta + (i_b * T + o_m) * H + i_h, mask=m_m, other=0)  # [BM]
             m_s = (o_n[:, None] <= o_m[None, :] + off) & m_n[:, None] & m_m[None, :]  # [BN, BM]
             if WINDOW > 0:
-                m_s = m_s & (o_n[:, None] > o_m[None, :] + off - WINDOW)
+                m_s = m_s & ((o_n[:, None] > o_m[None, :] + off - WINDOW) | (o_n[:, None] < SINKS))
             b_pT = tl.where(m_s, tl.exp(tl.dot(b_k, tl.trans(b_q)) * scale - b_lse[None, :]), 0)  # [BN, BM]
             b_dv += tl.dot(b_pT.to(b_do.dtype), b_do)
             b_dsT = b_pT * (tl.dot(b_v, tl.trans(b_do)) - b_delta[None, :])  # [BN, BM]
@@ -233,6 +272,7 @@ def attention_fwd(
     scale: float,
     window_size: int,
     tile: tuple[int, int] | None = None,
+    sinks: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel: returns `o` `[B, T, H, D]` and the log-sum-exp `[B, T, H]` (fp32)."""
     batch, length, heads, head_dim = q.shape
@@ -243,7 +283,7 @@ def attention_fwd(
     def grid(meta):  # (batch x heads) first: CUDA caps grid axes 1 and 2 at 65535 programs
         return batch * heads, triton.cdiv(length, meta["BM"])
 
-    meta = dict(H=heads, HKV=kv_heads, D=head_dim, BD=next_power_of_2(head_dim), WINDOW=window_size)
+    meta = dict(H=heads, HKV=kv_heads, D=head_dim, BD=next_power_of_2(head_dim), WINDOW=window_size, SINKS=sinks)
     _launch(attention_fwd_kernel, grid, (q, k, v, o, lse, scale, length, kv_length), tile, **meta)
     return o, lse
 
@@ -258,13 +298,14 @@ def attention_bwd(
     scale: float,
     window_size: int,
     tile: tuple[int, int] | None = None,
+    sinks: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernels: returns dq, dk, dv (dtypes of q, k, v)."""
     batch, length, heads, head_dim = q.shape
     kv_length, kv_heads = k.shape[1], k.shape[2]
     delta = (o.float() * do.float()).sum(-1)  # [B, T, H]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    meta = dict(H=heads, HKV=kv_heads, D=head_dim, BD=next_power_of_2(head_dim), WINDOW=window_size)
+    meta = dict(H=heads, HKV=kv_heads, D=head_dim, BD=next_power_of_2(head_dim), WINDOW=window_size, SINKS=sinks)
 
     def grid_dq(meta):
         return batch * heads, triton.cdiv(length, meta["BM"])
@@ -281,18 +322,18 @@ def attention_bwd(
 class SlidingWindowAttentionFunction(torch.autograd.Function):
     @staticmethod
     @input_guard
-    def forward(ctx, q, k, v, scale, window_size, tile):
-        o, lse = attention_fwd(q, k, v, scale, window_size, tile)
+    def forward(ctx, q, k, v, scale, window_size, tile, sinks):
+        o, lse = attention_fwd(q, k, v, scale, window_size, tile, sinks)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale, ctx.window_size, ctx.tile = scale, window_size, tile
+        ctx.scale, ctx.window_size, ctx.tile, ctx.sinks = scale, window_size, tile, sinks
         return o
 
     @staticmethod
     @input_guard
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = attention_bwd(q, k, v, o, lse, do, ctx.scale, ctx.window_size, ctx.tile)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = attention_bwd(q, k, v, o, lse, do, ctx.scale, ctx.window_size, ctx.tile, ctx.sinks)
+        return dq, dk, dv, None, None, None, None
 
 
 def sliding_window_attention(
@@ -302,6 +343,7 @@ def sliding_window_attention(
     window_size: int | None = None,
     scale: float | None = None,
     tile: tuple[int, int] | None = None,
+    sinks: int = 0,
 ) -> torch.Tensor:
     r"""Causal softmax attention over the last `window_size` keys (Triton), differentiable in q, k, v.
 
@@ -313,12 +355,17 @@ def sliding_window_attention(
         scale (float, optional): softmax scale, defaults to `D ** -0.5`.
         tile (tuple[int, int], optional): pin the `(BM, BN)` query x key tile; by default the kernels are autotuned
             over `GPU_TILES` on a GPU (one fixed tile in the interpreter).
+        sinks (int): attention sinks: keys `j < sinks` stay visible (causally) to every query beside its window.
 
     Returns:
-        `o` of shape `[B, T, H, D]`; query i attends keys `i + S - T - W < j <= i + S - T` (bottom-right aligned).
+        `o` of shape `[B, T, H, D]`; query i attends keys `i + S - T - W < j <= i + S - T` (bottom-right aligned)
+        and the sinks `j < min(sinks, i + S - T + 1)`.
     """
     dtype = q.dtype
     q, k, v = attention_inputs(q, k, v)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return SlidingWindowAttentionFunction.apply(q, k, v, scale, int(window_size or 0), tile).to(dtype)
+    if sinks < 0:
+        raise ValueError(f"`sinks` must be >= 0, got {sinks}")
+    window = int(window_size or 0)
+    return SlidingWindowAttentionFunction.apply(q, k, v, scale, window, tile, sinks if window else 0).to(dtype)

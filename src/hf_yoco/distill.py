@@ -115,12 +115,32 @@ def kv_cache_bytes(config, tokens: int, yoco: bool) -> int:
     if not yoco:
         return config.num_hidden_layers * tokens * row
     split = config.num_self_decoder_layers
-    return tokens * row + split * min(tokens, config.sliding_window - 1) * row
+    sinks = getattr(config, "attention_sink_tokens", 0)  # the self-decoder keeps them beside its window
+    return tokens * row + split * (min(tokens, config.sliding_window - 1) + sinks) * row
 
 
 def default_self_decoder_layers(num_hidden_layers: int) -> int:
     """The lower two thirds of the layers (the upper third shares one K/V, as in Gemma 3n's KV sharing)."""
     return min(max(round(2 * num_hidden_layers / 3), 1), num_hidden_layers - 1)
+
+
+def retrieval_rows(tokenizer, haystack_ids: list[int], count: int, length: int, seed: int = 0) -> list[list[int]]:
+    """`count` needle-retrieval sequences of exactly `length` tokens from training text: 1-3 needles (1 below 256 tokens; "The special
+    magic number of X is N."), the first at a uniform depth, then the question about it and the answer. Distilled
+    like any text (KL to the original), they carry the original's retrieval to the cross-decoder, which alone reads
+    tokens beyond the window: with a window of half the sequence, about half the needles lie beyond it."""
+    import random
+
+    from .evaluation import build_niah_prompt
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        prompt, answer, _ = build_niah_prompt(tokenizer, haystack_ids, length, rng.uniform(0.02, 1.0),
+                                              rng.randint(1, 3 if length >= 256 else 1), rng)  # fmt: skip
+        answer_ids = tokenizer(f" {answer}.", add_special_tokens=False).input_ids
+        rows.append((prompt + answer_ids)[-length:])  # the answer's length comes off the haystack's start
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -242,7 +262,8 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
     if split >= teacher.config.num_hidden_layers:
         raise ValueError(f"--self-decoder-layers must be below the teacher's {teacher.config.num_hidden_layers} "
                          f"layers, got {split}")  # fmt: skip
-    student = yocofy_llama(teacher, "sliding_window", args.sliding_window, num_self_decoder_layers=split)
+    student = yocofy_llama(teacher, "sliding_window", args.sliding_window, num_self_decoder_layers=split,
+                           attention_sink_tokens=args.attention_sink_tokens)  # fmt: skip
     results["self_decoder_layers"] = split
     results["converted_ppl"] = evaluate(student, eval_texts, args.eval_window, progress)
     print(f"perplexity: original {results['teacher_ppl']}, converted {results['converted_ppl']}", flush=True)
@@ -269,7 +290,19 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
     results["trainable_parameters"] = sum(p.numel() for p in student.parameters() if p.requires_grad)
 
     held_out = dataset["test"].select(range(min(len(dataset["test"]), args.eval_blocks)))
-    trainer = make_trainer(student, teacher, args, dataset["train"], held_out, tokenizer, output_dir)
+    train_set = dataset["train"]
+    if args.retrieval_fraction:  # needle sequences from training text, a `retrieval_fraction` share of the rows
+        from datasets import Dataset, concatenate_datasets
+
+        haystack = tokenizer(Path(train_files[-1]).read_text(), add_special_tokens=False).input_ids
+        count = round(len(train_set) * args.retrieval_fraction / (1 - args.retrieval_fraction))
+        try:
+            needles = Dataset.from_dict({"input_ids": retrieval_rows(tokenizer, haystack, count, args.seq_len)})
+        except ValueError as error:  # the needle and the question alone overflow the sequence
+            raise ValueError(f"--seq-len {args.seq_len} is too short for --retrieval-fraction rows: {error}") from None
+        train_set = concatenate_datasets([train_set, needles])
+        results["retrieval_rows"] = count
+    trainer = make_trainer(student, teacher, args, train_set, held_out, tokenizer, output_dir)
     checkpoints = list((output_dir / "checkpoints").glob("checkpoint-*"))
     if checkpoints and not args.resume:
         raise ValueError(f"{output_dir}/checkpoints holds a run already: pass --resume to continue it, or choose "
@@ -383,13 +416,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="corpora and tokenizers cache (default: hf_yoco's data folder)")
     parser.add_argument("--smoke", action="store_true", help="a tiny random Llama teacher, a few steps (seconds)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
-    parser.add_argument("--sliding-window", type=positive_int, default=2048)
+    parser.add_argument("--sliding-window", type=positive_int, default=1024)
     parser.add_argument(
         "--self-decoder-layers", type=positive_int, help="layers kept as the self-decoder (default: two thirds)"
     )
-    parser.add_argument("--max-steps", type=positive_int, default=240)
-    parser.add_argument("--seq-len", type=positive_int, default=1024)
-    parser.add_argument("--batch-size", type=positive_int, default=2)
+    parser.add_argument(
+        "--attention-sink-tokens", type=non_negative_int, default=4,
+        help="first tokens the self-decoder keeps visible beside its window (attention sinks)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--retrieval-fraction", type=fraction, default=0.2,
+        help="share of training sequences that are needle-retrieval prompts from training text (below 1)",
+    )  # fmt: skip
+    parser.add_argument("--max-steps", type=positive_int, default=200)
+    parser.add_argument("--seq-len", type=positive_int, default=2048)
+    parser.add_argument("--batch-size", type=positive_int, default=1)
     parser.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
     parser.add_argument("--learning-rate", type=positive_float, default=4e-4)
     parser.add_argument("--warmup-steps", type=non_negative_int, default=10)
@@ -419,7 +460,7 @@ def run(args: argparse.Namespace) -> int:
     if args.smoke:  # tiny everything unless set explicitly
         defaults = argparse.ArgumentParser()
         add_arguments(defaults)
-        smoke = dict(max_steps=3, seq_len=32, eval_tokens=256, eval_window=64, retrieval_lengths=[96], sliding_window=16,
+        smoke = dict(max_steps=3, seq_len=128, eval_tokens=256, eval_window=64, retrieval_lengths=[96], sliding_window=16,
                      eval_steps=2, save_steps=2, logging_steps=1, calibration_tokens=1024)  # fmt: skip
         for key, value in smoke.items():
             if getattr(args, key) == defaults.get_default(key):
@@ -427,6 +468,8 @@ def run(args: argparse.Namespace) -> int:
         args.retrieval_trials = min(args.retrieval_trials, 1)
     if args.eval_window < 2:
         raise ValueError(f"--eval-window must be >= 2, got {args.eval_window}")
+    if args.retrieval_fraction >= 1:
+        raise ValueError(f"--retrieval-fraction must be below 1 (text stays in the mix), got {args.retrieval_fraction}")
     results = distill(args)
     worst = max(results["ratio_to_original"].values())
     print(f"distilled / original perplexity: {math.ceil(worst * 100) / 100:.2f}x at most")
