@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import hf_yoco  # noqa: F401  (registers "hf_yoco" with the Auto classes)
-from hf_yoco import YocoConfig, output_cache
+from hf_yoco import YocoConfig, output_cache, yoco_cache_bytes
 from hf_yoco.bench import cache_bytes
 
 COMMON = dict(
@@ -29,18 +29,6 @@ COMMON = dict(
     num_key_value_heads=2,
     max_position_embeddings=16384,
 )
-
-
-def yoco_prediction(config: YocoConfig, batch: int, tokens: int) -> int:
-    """Arithmetic cache size: one global K/V for all tokens + constant self-decoder state (fp32)."""
-    global_kv = 2 * batch * tokens * config.num_key_value_heads * config.head_dim * 4
-    half = config.num_self_decoder_layers
-    if config.self_decoder_type == "sliding_window":
-        per_layer = 2 * batch * (min(tokens, config.sliding_window) - 1) * config.num_key_value_heads * config.head_dim
-    else:
-        heads = config.num_retention_heads or config.num_attention_heads
-        per_layer = batch * heads * config.retention_head_dim**2
-    return global_kv + half * per_layer * 4
 
 
 def compare_caches(configs: dict, prompt: torch.Tensor, predict, **generate_kwargs) -> list[tuple]:
@@ -90,7 +78,8 @@ def main() -> None:
         configs,
         prompt,
         lambda config, out: (
-            yoco_prediction(config, 1, out.sequences.shape[1] - 1) if isinstance(config, YocoConfig) else None
+            # the last generated token never went through the model: the cache holds one position less
+            yoco_cache_bytes(config, out.sequences.shape[1] - 1)["total"] if isinstance(config, YocoConfig) else None
         ),
         max_new_tokens=args.new_tokens,
     )

@@ -191,7 +191,7 @@ def _gated_retention(dtype, entry: str, batch, length, heads, dim, with_state, l
     return run
 
 
-def _attention(dtype, batch, length, kv_length, heads, kv_heads, dim, window, backward=True):
+def _attention(dtype, batch, length, kv_length, heads, kv_heads, dim, window, backward=True, sinks=0):
     def run() -> None:
         from hf_yoco.kernels.sliding_window_attention.chunk import sliding_window_attention
 
@@ -199,7 +199,7 @@ def _attention(dtype, batch, length, kv_length, heads, kv_heads, dim, window, ba
         k, v = (torch.zeros(batch, kv_length, kv_heads, dim, dtype=dtype) for _ in range(2))
         if backward:
             q, k, v = _leaves(q, k, v)
-        o = sliding_window_attention(q, k, v, window_size=window, scale=dim**-0.5)
+        o = sliding_window_attention(q, k, v, window_size=window, scale=dim**-0.5, sinks=sinks)
         if backward:
             _backward(o)
 
@@ -238,6 +238,7 @@ def shape_cases(dtype: torch.dtype) -> dict[str, Callable[[], None]]:
         "swa-gqa8-causal-T<S": _attention(dtype, 1, 37, 130, 8, 1, 64, 0),
         "swa-mha-head80-window>T": _attention(dtype, 1, 50, 50, 4, 4, 80, 1024),
         "swa-gqa2-head96": _attention(dtype, 1, 70, 90, 4, 2, 96, 33),
+        "swa-gqa4-window-sinks": _attention(dtype, 1, 200, 200, 8, 2, 64, 64, sinks=4),
         "swa-many-local-sequences": _attention(dtype, 8200, 5, 5, 8, 2, 64, 0),
         "decode-T3-head80-mha": _decode(dtype, 1, 3, 77, 4, 4, 80, num_splits=2),
         "decode-large-batch": _decode(dtype, 4200, 1, 16, 32, 16, 16),
@@ -304,7 +305,7 @@ def _structure(fn, constexprs: dict) -> str:
         name = names[path[0]]
         if name in SIZE_CONSTEXPRS:
             continue
-        kept[name] = value > 0 if name == "WINDOW" else value
+        kept[name] = value > 0 if name in ("WINDOW", "SINKS") else value
     return repr(sorted(kept.items()))
 
 

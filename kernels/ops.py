@@ -106,14 +106,14 @@ def gated_retention(
 _plain_mask_cache: tuple[weakref.ref, tuple, bool] | None = None
 
 
-def _band_matches(mask: torch.Tensor, length: int, kv_length: int, window: int) -> bool:
+def _band_matches(mask: torch.Tensor, length: int, kv_length: int, window: int, sinks: int) -> bool:
     """True when a 4D `[..., T, S]` mask (bool: True = keep; float: 0 = keep) keeps exactly the bottom-right causal
-    (window) band. Builds the `[T, S]` band and syncs with the host."""
+    (window) band and the sinks. Builds the `[T, S]` band and syncs with the host."""
     keep = mask if mask.dtype == torch.bool else mask == 0
-    return bool((keep == causal_band(length, kv_length, window, mask.device)).all())
+    return bool((keep == causal_band(length, kv_length, window, mask.device, sinks)).all())
 
 
-def _mask_is_plain(mask: torch.Tensor, length: int, kv_length: int, window: int) -> bool:
+def _mask_is_plain(mask: torch.Tensor, length: int, kv_length: int, window: int, sinks: int = 0) -> bool:
     """True when a 4D mask (bool: True = keep; float: 0 = keep) is exactly the bottom-right causal(-window) band.
 
     The answer for the last mask is kept (`_plain_mask_cache`) and reused while the same tensor object comes back
@@ -124,12 +124,12 @@ def _mask_is_plain(mask: torch.Tensor, length: int, kv_length: int, window: int)
     if mask.ndim != 4 or mask.shape[-2] != length or mask.shape[-1] != kv_length:
         return False
     if mask.is_inference() or torch.compiler.is_compiling():
-        return _band_matches(mask, length, kv_length, window)
-    key = (mask._version, mask.shape, window)
+        return _band_matches(mask, length, kv_length, window, sinks)
+    key = (mask._version, mask.shape, window, sinks)
     cached = _plain_mask_cache
     if cached is not None and cached[0]() is mask and cached[1] == key:
         return cached[2]
-    plain = _band_matches(mask, length, kv_length, window)
+    plain = _band_matches(mask, length, kv_length, window, sinks)
     _plain_mask_cache = (weakref.ref(mask), key, plain)
     return plain
 
@@ -146,24 +146,26 @@ def attention(
     """Causal (sliding-window) GQA attention in transformers' layout, or None when the kernels don't apply.
 
     query `[B, H, T, D]`, key/value `[B, H_kv, S, D]` -> `[B, T, H, D]`. Only the plain bottom-right causal band (with
-    the window) is covered; padded or custom masks, non-causal modules and head dims above `MAX_HEAD_DIM` return None
-    (PyTorch path).
+    the window, and the module's `sink_tokens` first keys: a YOCO sliding-window layer's sinks, first in a sequence or
+    put before a cached window) is covered; padded or custom masks, non-causal modules and head dims above
+    `MAX_HEAD_DIM` return None (PyTorch path).
     """
     length, kv_length = query.shape[2], key.shape[2]
     window = int(sliding_window or 0)
+    sinks = int(getattr(module, "sink_tokens", 0) or 0) if window else 0
     if not getattr(module, "is_causal", True) or kv_length < length or query.shape[-1] > MAX_HEAD_DIM:
         return None
     if attention_mask is None:
         if 1 < length < kv_length:  # transformers would read this as top-left causal: leave it to PyTorch
             return None
-    elif not _mask_is_plain(attention_mask, length, kv_length, window):
+    elif not _mask_is_plain(attention_mask, length, kv_length, window, sinks):
         return None
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, T, H, D]
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    if not needs_grad and length <= DECODE_MAX_QUERIES and (not window or kv_length <= window):
+    if not needs_grad and length <= DECODE_MAX_QUERIES and (not window or kv_length <= window + sinks):
         from .shared_kv_attention.decode import shared_kv_attention
 
         return shared_kv_attention(q, k, v, scale=scaling)
     from .sliding_window_attention.chunk import sliding_window_attention
 
-    return sliding_window_attention(q, k, v, window_size=window, scale=scaling)
+    return sliding_window_attention(q, k, v, window_size=window, scale=scaling, sinks=sinks)

@@ -70,12 +70,15 @@ def use_triton(backend: str, tensor: torch.Tensor) -> bool:
     return True
 
 
-def causal_band(length: int, kv_length: int, window: int | None, device: torch.device | str) -> torch.Tensor:
+def causal_band(
+    length: int, kv_length: int, window: int | None, device: torch.device | str, sinks: int = 0
+) -> torch.Tensor:
     """`[T, S]` bool, True where query i may see key j: `i + S - T - W < j <= i + S - T` (queries bottom-right aligned
-    with the keys, as with a KV cache; `W = window` keys, itself included; None or 0 = full causal)."""
+    with the keys, as with a KV cache; `W = window` keys, itself included; None or 0 = full causal), or `j < sinks`
+    (attention sinks, causally)."""
     i = torch.arange(length, device=device)[:, None] + kv_length - length
     j = torch.arange(kv_length, device=device)[None, :]
-    return (j <= i) & (j > i - window) if window else j <= i
+    return (j <= i) & ((j > i - window) | (j < sinks)) if window else j <= i
 
 
 def input_guard(fn: Callable[..., Any]) -> Callable[..., Any]:

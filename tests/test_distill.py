@@ -84,3 +84,5 @@ def test_kv_cache_arithmetic():
     row = 2 * 2 * 8 * 4  # K and V, 2 kv heads, head 8, fp32
     assert kv_cache_bytes(config, 100, yoco=False) == 4 * 100 * row
     assert kv_cache_bytes(config, 100, yoco=True) == 100 * row + 2 * 7 * row
+    config = yocofy_llama(tiny_llama(), "sliding_window", 8, attention_sink_tokens=3).config
+    assert kv_cache_bytes(config, 100, yoco=True) == 100 * row + 2 * (7 + 3) * row  # the sinks beside each window

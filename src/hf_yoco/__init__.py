@@ -27,7 +27,14 @@ from .models.modeling_block_transformer import (
     BlockTransformerStaticCache,
 )
 from .models.modeling_common import CACHE_NAME, cache_kwarg, output_cache
-from .models.modeling_yoco import YocoCache, YocoForCausalLM, YocoModel, YocoPreTrainedModel, YocoStaticCache
+from .models.modeling_yoco import (
+    YocoCache,
+    YocoForCausalLM,
+    YocoModel,
+    YocoPreTrainedModel,
+    YocoStaticCache,
+    yoco_cache_bytes,
+)
 
 __version__ = "0.1.0"
 
@@ -64,4 +71,5 @@ __all__ = [
     "cache_kwarg",
     "output_cache",
     "supported_transformers",
+    "yoco_cache_bytes",
 ]

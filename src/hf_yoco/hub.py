@@ -50,16 +50,19 @@ def _memory_rows(cache_bytes, transformer_bytes) -> list[dict[str, str]]:
 
 
 def _yoco_variables(config) -> dict:
+    from .models.modeling_yoco import yoco_cache_bytes
+
     half = config.num_self_decoder_layers
     kv_per_token = 2 * config.num_key_value_heads * config.head_dim * BF16_BYTES
     if config.self_decoder_type == "sliding_window":
         description = f"sliding-window attention over the last {config.sliding_window} tokens"
-        state = half * (config.sliding_window - 1) * kv_per_token
         state_description = f"window of {config.sliding_window - 1} keys/values in each self-decoder layer"
+        if config.attention_sink_tokens:
+            description += f" and the first {config.attention_sink_tokens} (attention sinks)"
+            state_description += f" plus {config.attention_sink_tokens} sinks"
     else:
         heads = config.num_retention_heads or config.num_attention_heads
         description = f"gated retention with {heads} heads (a gated linear recurrence with a constant-size state)"
-        state = half * heads * config.retention_head_dim**2 * 4  # fp32 state
         state_description = (
             f"{heads}x{config.retention_head_dim}x{config.retention_head_dim} fp32 state per self layer"
         )
@@ -83,7 +86,8 @@ def _yoco_variables(config) -> dict:
         "numerics": numerics,
         "stateful": config.self_decoder_type == "gated_retention",
         "memory_rows": _memory_rows(
-            lambda n: n * kv_per_token + state, lambda n: n * kv_per_token * config.num_hidden_layers
+            lambda n: yoco_cache_bytes(config, n, kv_bytes=BF16_BYTES)["total"],
+            lambda n: n * kv_per_token * config.num_hidden_layers,
         ),
     }
 

@@ -35,7 +35,7 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-def yoco_model(self_decoder_type: str) -> YocoForCausalLM:
+def yoco_model(self_decoder_type: str, **overrides) -> YocoForCausalLM:
     config = YocoConfig(
         vocab_size=64,
         hidden_size=32,
@@ -49,6 +49,7 @@ def yoco_model(self_decoder_type: str) -> YocoForCausalLM:
         pad_token_id=0,
         bos_token_id=None,
         eos_token_id=None,
+        **overrides,
     )
     torch.manual_seed(0)
     return YocoForCausalLM(config).to(DEVICE)
@@ -97,6 +98,18 @@ def test_yoco_triton_matches_torch(self_decoder_type, kernel_calls):
     if self_decoder_type == "gated_retention":
         assert kernel_calls["gated_retention"] > 0
     assert kernel_calls["attention"] > 0
+
+
+def test_yoco_attention_sinks_triton_matches_torch(kernel_calls):
+    """Sinks in the kernel: first in the sequence while training / prefilling, put before the cached window while
+    decoding past it."""
+    model = yoco_model("sliding_window", attention_sink_tokens=2)
+    input_ids = torch.randint(1, 64, (2, 19), device=DEVICE)
+    compare_training_step(model, input_ids)
+    calls = kernel_calls["attention"]
+    assert calls > 0
+    compare_generation(model, input_ids[:, :7])
+    assert kernel_calls["attention"] > 2 * calls  # the decode steps past the window ran the kernel too
 
 
 def test_yoco_checks_the_mask_once_per_forward(monkeypatch):

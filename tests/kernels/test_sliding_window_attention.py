@@ -15,15 +15,18 @@ requires_triton()
 
 
 @pytest.mark.parametrize(
-    ("batch", "length", "kv_length", "heads", "kv_heads", "head_dim", "window"),
+    ("batch", "length", "kv_length", "heads", "kv_heads", "head_dim", "window", "sinks"),
     [
-        pytest.param(2, 100, 100, 4, 2, 32, 17, id="B2-T100-H4-Hkv2-D32-W17"),
-        pytest.param(1, 37, 130, 2, 1, 16, 0, id="B1-T37-S130-H2-Hkv1-D16-causal"),
-        pytest.param(1, 70, 70, 2, 2, 24, 64, id="B1-T70-H2-D24-W64"),
-        pytest.param(1, 5, 90, 4, 2, 32, 20, id="B1-T5-S90-GQA-W20"),
+        pytest.param(2, 100, 100, 4, 2, 32, 17, 0, id="B2-T100-H4-Hkv2-D32-W17"),
+        pytest.param(1, 37, 130, 2, 1, 16, 0, 0, id="B1-T37-S130-H2-Hkv1-D16-causal"),
+        pytest.param(1, 70, 70, 2, 2, 24, 64, 0, id="B1-T70-H2-D24-W64"),
+        pytest.param(1, 5, 90, 4, 2, 32, 20, 0, id="B1-T5-S90-GQA-W20"),
+        pytest.param(2, 100, 100, 4, 2, 32, 17, 4, id="B2-T100-W17-sinks4"),
+        pytest.param(1, 150, 150, 2, 1, 16, 17, 70, id="B1-T150-W17-sinks70-past-a-block"),
+        pytest.param(1, 5, 90, 4, 2, 32, 20, 3, id="B1-T5-S90-W20-sinks3"),
     ],
 )
-def test_sliding_window_attention(batch, length, kv_length, heads, kv_heads, head_dim, window, tile=None):
+def test_sliding_window_attention(batch, length, kv_length, heads, kv_heads, head_dim, window, sinks, tile=None):
     from hf_yoco.kernels.sliding_window_attention.chunk import sliding_window_attention
 
     torch.manual_seed(42)
@@ -34,7 +37,7 @@ def test_sliding_window_attention(batch, length, kv_length, heads, kv_heads, hea
     results = []
     for fn in (naive_sliding_window_attention, sliding_window_attention):
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        o = fn(*leaves, window_size=window, **({"tile": tile} if fn is sliding_window_attention else {}))
+        o = fn(*leaves, window_size=window, sinks=sinks, **({"tile": tile} if fn is sliding_window_attention else {}))
         (o * do).sum().backward()
         results.append((o, *(x.grad for x in leaves)))
     for name, ref, tri in zip(("o", "dq", "dk", "dv"), *results):
@@ -50,7 +53,7 @@ def _gpu_tiles():
 @pytest.mark.parametrize("tile", _gpu_tiles(), ids=lambda tile: f"BM{tile[0]}-BN{tile[1]}")
 def test_every_autotune_tile_is_correct(tile):
     """Each (BM, BN) tile the GPU autotuner may pick, pinned and run here (in the interpreter on CPU)."""
-    test_sliding_window_attention(1, 75, 90, 4, 2, 32, 33, tile=tile)
+    test_sliding_window_attention(1, 75, 90, 4, 2, 32, 33, 0, tile=tile)
 
 
 def test_rejects_fewer_keys_than_queries():
@@ -63,4 +66,4 @@ def test_rejects_fewer_keys_than_queries():
 
 @pytest.mark.slow
 def test_sliding_window_attention_long():
-    test_sliding_window_attention(1, 600, 600, 4, 2, 64, 128)
+    test_sliding_window_attention(1, 600, 600, 4, 2, 64, 128, 4)

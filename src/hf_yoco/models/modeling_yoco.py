@@ -566,6 +566,23 @@ class YocoStaticCache(YocoCacheBatchMixin, StaticCache):
         return _memory_bytes(self)
 
 
+def yoco_cache_bytes(config: YocoConfig, tokens: int, batch: int = 1, kv_bytes: int = 4) -> dict[str, int]:
+    """Bytes a `YocoCache` holds after `tokens` tokens of `batch` sequences: `global_kv` (one K/V for all tokens),
+    `self_decoder` (per layer: the last W-1 keys/values and the S attention sinks, or the fp32 retention state) and
+    `total`. `kv_bytes`: bytes per K/V element (4 for fp32, 2 for bf16)."""
+    row = 2 * config.num_key_value_heads * config.head_dim * kv_bytes  # keys + values of one token in one layer
+    layers = config.num_self_decoder_layers
+    if config.self_decoder_type == "sliding_window":
+        rows = min(tokens, config.sliding_window - 1) + (config.attention_sink_tokens if tokens else 0)
+        self_decoder = layers * rows * row
+    else:
+        heads = config.num_retention_heads or config.num_attention_heads
+        self_decoder = layers * heads * config.retention_head_dim**2 * 4 if tokens else 0
+    global_kv = tokens * row
+    return {"global_kv": batch * global_kv, "self_decoder": batch * self_decoder,
+            "total": batch * (global_kv + self_decoder)}  # fmt: skip
+
+
 def _static_capacity(cache: Cache | None, config: YocoConfig) -> int | None:
     """Positions a static cache's global K/V can hold (None for a dynamic cache)."""
     if cache is None or len(cache.layers) <= config.num_self_decoder_layers:
@@ -1066,7 +1083,8 @@ class YocoModel(YocoPreTrainedModel):
             self_layers_fit = all(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in cache.layers[:half])
         elif self.config.attention_sink_tokens:
             self_layers_fit = all(
-                getattr(layer, "sink_tokens", None) == self.config.attention_sink_tokens for layer in cache.layers[:half]
+                getattr(layer, "sink_tokens", None) == self.config.attention_sink_tokens
+                for layer in cache.layers[:half]
             )
         else:
             self_layers_fit = all(getattr(layer, "is_sliding", False) for layer in cache.layers[:half])
@@ -1160,7 +1178,9 @@ class YocoModel(YocoPreTrainedModel):
                 f"mask; the Triton kernels take them on the 'sdpa' path), got {implementation!r}"
             )
         if attention_mask is not None and attention_mask.ndim != 2:
-            raise ValueError("`attention_sink_tokens` needs a 2D (padding) `attention_mask`; a custom 4D mask was given")
+            raise ValueError(
+                "`attention_sink_tokens` needs a 2D (padding) `attention_mask`; a custom 4D mask was given"
+            )
         batch, length = inputs_embeds.shape[:2]
         kv_length, kv_offset = cache.get_mask_sizes(length, 0) if cache is not None else (length, 0)
         window = self.config.sliding_window
