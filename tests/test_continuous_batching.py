@@ -191,3 +191,13 @@ def test_sampling_follows_the_models_distribution(name):
             logits = model(sequence, use_cache=False).logits[0, len(prompt) - 1 : -1].float()
         expected = logits.log_softmax(-1).gather(1, torch.tensor(result.generated_tokens)[:, None])[:, 0]
         torch.testing.assert_close(torch.tensor(result.logprobs), expected, atol=1e-4, rtol=0)
+
+
+def test_attention_sinks_are_refused_not_ignored():
+    config = hf_yoco.YocoConfig(**SIZES, num_hidden_layers=4, self_decoder_type="sliding_window", sliding_window=4,
+                                attention_sink_tokens=2)  # fmt: skip
+    model = hf_yoco.YocoForCausalLM(config).eval()
+    results = model.generate_batch(inputs=prompts(2), generation_config=GREEDY, warmup=False,
+                                   continuous_batching_config=ContinuousBatchingConfig(**CONFIGS[next(iter(CONFIGS))]))  # fmt: skip
+    errors = [r.error for r in results.values()]
+    assert len(errors) == 2 and all("continuous batching does not keep attention sinks" in str(e) for e in errors)

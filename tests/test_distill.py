@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from hf_yoco.cli import main
 from hf_yoco.convert import yocofy_llama
-from hf_yoco.distill import distillation_loss, kv_cache_bytes, trainable_names
+from hf_yoco.distill import distillation_loss, kv_cache_bytes, retrieval_rows, trainable_names
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +26,12 @@ def test_smoke_run_saves_a_loadable_yoco_model_with_its_card_and_numbers(smoke_r
     results = json.loads((smoke_run / "run" / "distill.json").read_text())
     for key in ("teacher_ppl", "converted_ppl", "distilled_ppl"):
         assert results[key]["the-tempest"] > 1
-    assert results["steps"] == 3 and results["training_tokens"] == 3 * 2 * 32
+    assert results["steps"] == 3 and results["training_tokens"] == 3 * 1 * 128
     assert any("kl" in entry for entry in results["curve"]) and any("eval_loss" in e for e in results["curve"])
     assert results["kv_cache_8k"]["saving"] > 1
     model = AutoModelForCausalLM.from_pretrained(smoke_run / "run" / "model")
     assert model.config.model_type == "hf_yoco" and model.config.sliding_window == 16
+    assert model.config.attention_sink_tokens == 4 and results["retrieval_rows"] > 0
     assert results["self_decoder_layers"] == model.config.num_self_decoder_layers == 3  # two thirds of 4 layers
     card = (smoke_run / "run" / "model" / "README.md").read_text()
     assert "perplexity (the-tempest), distilled" in card and "hf-yoco distill" in card
@@ -86,3 +87,24 @@ def test_kv_cache_arithmetic():
     assert kv_cache_bytes(config, 100, yoco=True) == 100 * row + 2 * 7 * row
     config = yocofy_llama(tiny_llama(), "sliding_window", 8, attention_sink_tokens=3).config
     assert kv_cache_bytes(config, 100, yoco=True) == 100 * row + 2 * (7 + 3) * row  # the sinks beside each window
+
+
+def test_retrieval_rows_hold_a_needle_its_question_and_the_answer():
+    from pathlib import Path
+
+    from hf_yoco.data import build_shakespeare_corpus, default_data_dir
+    from hf_yoco.distill import smoke_teacher
+
+    data_dir = Path(default_data_dir())
+    _, tokenizer = smoke_teacher(data_dir)
+    haystack = tokenizer(build_shakespeare_corpus("macbeth", data_dir).read_text(), add_special_tokens=False).input_ids
+    for length in (128, 512):
+        rows = retrieval_rows(tokenizer, haystack, 6, length, seed=1)
+        assert len(rows) == 6 and all(len(row) == length for row in rows)
+        for row in rows:
+            text = tokenizer.decode(row)
+            question, answer = text.rsplit("? The special magic number of ", 1)
+            key = question.rsplit("What is the special magic number of ", 1)[1]
+            value = answer.split(" is ", 1)[1].strip(" .")
+            assert f"special magic number of {key} is {value}." in question  # the needle precedes the question
+    assert retrieval_rows(tokenizer, haystack, 3, 128, seed=1) == retrieval_rows(tokenizer, haystack, 3, 128, seed=1)

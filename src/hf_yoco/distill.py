@@ -138,10 +138,16 @@ def retrieval_rows(tokenizer, haystack_ids: list[int], count: int, length: int, 
     rng = random.Random(seed)
     rows = []
     for _ in range(count):
-        prompt, answer, _ = build_niah_prompt(tokenizer, haystack_ids, length, rng.uniform(0.02, 1.0),
-                                              rng.randint(1, 3 if length >= 256 else 1), rng)  # fmt: skip
-        answer_ids = tokenizer(f" {answer}.", add_special_tokens=False).input_ids
-        rows.append((prompt + answer_ids)[-length:])  # the answer's length comes off the haystack's start
+        for _attempt in range(100):
+            prompt, answer, needles = build_niah_prompt(tokenizer, haystack_ids, length, rng.uniform(0.02, 1.0),
+                                                        rng.randint(1, 3 if length >= 256 else 1), rng)  # fmt: skip
+            answer_ids = tokenizer(f" {answer}.", add_special_tokens=False).input_ids
+            cut = len(prompt) + len(answer_ids) - length  # haystack tokens the answer takes off the start
+            if 0 <= cut <= min(offset for *_, offset in needles):  # and no needle with them
+                break
+        else:
+            raise ValueError(f"no {length}-token retrieval row fits this haystack ({len(haystack_ids)} tokens)")
+        rows.append((prompt + answer_ids)[cut:])
     return rows
 
 
