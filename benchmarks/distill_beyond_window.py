@@ -1,10 +1,10 @@
-"""Perplexity of a distilled YOCO-fied SmolLM2 beyond its sliding window, against the original.
+"""Perplexity of a distilled YOCO-fied SmolLM2 at contexts beyond 2048 tokens, against the original.
 
-`hf-yoco distill` scores 2048-token windows (its window: the self-decoder is exact there). This scores 4096-token
-windows (stride 2048) on the first 8192 tokens of the same held-out texts, where the self-decoder's window no longer
-covers the context:
+`hf-yoco distill` scores 2048-token windows. This scores 4096-token windows (stride 2048) on the first 8192 tokens of
+the same held-out texts: contexts four times the self-decoder's 1024-token window, where everything beyond it reaches
+the cross-decoder only through the global K/V (and the self-decoder keeps only its attention sinks):
 
-    python benchmarks/distill_beyond_window.py --model outputs/distill-smollm2-v2/model \
+    python benchmarks/distill_beyond_window.py --model outputs/smollm2-yoco/model \
         --output benchmarks/results/distill_smollm2/beyond_window.json
 """
 

