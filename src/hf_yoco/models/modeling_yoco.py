@@ -389,7 +389,8 @@ class YocoSlidingWindowLayer(DynamicSlidingWindowLayer):
         self.sink_positions = padded.scatter(-1, slots, positions.expand(batch, -1))[:, :sinks]
 
     def prepend_sinks(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`[sinks | window]` keys and values, as the mask has them (`YocoModel._sink_window_mask`: S sink columns first)."""
+        """`[sinks | window]` keys and values, as the mask has them (`YocoModel._sink_window_mask`: the S sink
+        columns first)."""
         return torch.cat([self.sink_keys, key_states], dim=-2), torch.cat([self.sink_values, value_states], dim=-2)
 
     def crop(self, tokens_to_remove: int) -> None:
