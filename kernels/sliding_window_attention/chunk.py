@@ -76,26 +76,12 @@ def attention_fwd_kernel(
     lo = 0
     if WINDOW > 0:
         lo = tl.maximum(0, i_m * BM + off - WINDOW + 1) // BN * BN
-    # The sink blocks below the band first (`first`), then the band; a block is visited once.
-    first = 0
+    # The blocks holding sinks below the band first, then the band: each block once.
+    sink_blocks = 0
     if SINKS > 0:
-        first = tl.minimum(lo, SINKS)
-    for start in range(0, first, BN):
-        o_n = start + tl.arange(0, BN)
-        m_n = (o_n < S) & (o_n < SINKS)
-        p_kv = ((i_b * S + o_n[:, None]) * HKV + i_hk) * D + o_d[None, :]
-        b_k = tl.load(k + p_kv, mask=m_n[:, None] & m_d[None, :], other=0)  # [BN, BD]
-        b_v = tl.load(v + p_kv, mask=m_n[:, None] & m_d[None, :], other=0)  # [BN, BD]
-        b_s = tl.dot(b_q, tl.trans(b_k)) * scale  # [BM, BN]
-        m_s = (o_n[None, :] <= o_m[:, None] + off) & m_n[None, :]
-        b_s = tl.where(m_s, b_s, NEG_INF)
-        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-        b_p = tl.where(m_s, tl.exp(b_s - b_mn[:, None]), 0)  # [BM, BN]
-        b_alpha = tl.exp(b_m - b_mn)
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
-        b_m = b_mn
-    for start in range(lo, hi, BN):
+        sink_blocks = tl.cdiv(tl.minimum(lo, SINKS), BN)
+    for i in range(0, sink_blocks + tl.cdiv(hi - lo, BN)):
+        start = tl.where(i < sink_blocks, i * BN, lo + (i - sink_blocks) * BN)
         o_n = start + tl.arange(0, BN)
         m_n = o_n < S
         p_kv = ((i_b * S + o_n[:, None]) * HKV + i_hk) * D + o_d[None, :]
@@ -103,7 +89,7 @@ def attention_fwd_kernel(
         b_v = tl.load(v + p_kv, mask=m_n[:, None] & m_d[None, :], other=0)  # [BN, BD]
         b_s = tl.dot(b_q, tl.trans(b_k)) * scale  # [BM, BN]
         m_s = (o_n[None, :] <= o_m[:, None] + off) & m_n[None, :]
-        if WINDOW > 0:
+        if WINDOW > 0:  # below the band only the sinks pass
             m_s = m_s & ((o_n[None, :] > o_m[:, None] + off - WINDOW) | (o_n[None, :] < SINKS))
         b_s = tl.where(m_s, b_s, NEG_INF)
         b_mn = tl.maximum(b_m, tl.max(b_s, 1))
@@ -163,21 +149,11 @@ def attention_bwd_kernel_dq(
     lo = 0
     if WINDOW > 0:
         lo = tl.maximum(0, i_m * BM + off - WINDOW + 1) // BN * BN
-    first = 0
+    sink_blocks = 0  # the blocks holding sinks below the band, then the band (as in the forward kernel)
     if SINKS > 0:
-        first = tl.minimum(lo, SINKS)
-    for start in range(0, first, BN):  # the sink blocks below the band
-        o_n = start + tl.arange(0, BN)
-        m_n = (o_n < S) & (o_n < SINKS)
-        p_kv = ((i_b * S + o_n[:, None]) * HKV + i_hk) * D + o_d[None, :]
-        b_k = tl.load(k + p_kv, mask=m_n[:, None] & m_d[None, :], other=0)  # [BN, BD]
-        b_v = tl.load(v + p_kv, mask=m_n[:, None] & m_d[None, :], other=0)  # [BN, BD]
-        m_s = (o_n[None, :] <= o_m[:, None] + off) & m_n[None, :] & m_m[:, None]
-        b_p = tl.where(m_s, tl.exp(tl.dot(b_q, tl.trans(b_k)) * scale - b_lse[:, None]), 0)  # [BM, BN]
-        b_dp = tl.dot(b_do, tl.trans(b_v))  # [BM, BN]
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k)
-    for start in range(lo, hi, BN):
+        sink_blocks = tl.cdiv(tl.minimum(lo, SINKS), BN)
+    for i in range(0, sink_blocks + tl.cdiv(hi - lo, BN)):
+        start = tl.where(i < sink_blocks, i * BN, lo + (i - sink_blocks) * BN)
         o_n = start + tl.arange(0, BN)
         m_n = o_n < S
         p_kv = ((i_b * S + o_n[:, None]) * HKV + i_hk) * D + o_d[None, :]
