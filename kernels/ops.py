@@ -106,7 +106,7 @@ def gated_retention(
 _plain_mask_cache: tuple[weakref.ref, tuple, bool] | None = None
 
 
-def _band_matches(mask: torch.Tensor, length: int, kv_length: int, window: int, sinks: int) -> bool:
+def _band_matches(mask: torch.Tensor, length: int, kv_length: int, window: int, sinks: int = 0) -> bool:
     """True when a 4D `[..., T, S]` mask (bool: True = keep; float: 0 = keep) keeps exactly the bottom-right causal
     (window) band and the sinks. Builds the `[T, S]` band and syncs with the host."""
     keep = mask if mask.dtype == torch.bool else mask == 0

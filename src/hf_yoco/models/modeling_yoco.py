@@ -692,14 +692,15 @@ class YocoSlidingWindowAttention(nn.Module):
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin, self.config.official_numerics)
-        if cache is not None:  # cached last W-1 keys + the new ones
+        if cache is not None and self.sink_tokens:  # a YocoCache (the model refuses others with sinks)
             layer = cache.layers[self.layer_idx]
-            window_started = self.sink_tokens and layer.get_mask_sizes(length)[1] > 0  # sinks may have left it
-            if self.sink_tokens:
-                layer.update_sinks(key, value, sink_flags)
+            window_started = layer.get_mask_sizes(length)[1] > 0  # the sinks may have left the window
+            layer.update_sinks(key, value, sink_flags)
             key, value = cache_update(cache, key, value, self.layer_idx, kwargs)
             if window_started:  # [B, H_kv, S + K, D]: the sinks, then the window (the mask has S columns first)
                 key, value = layer.prepend_sinks(key, value)
+        elif cache is not None:  # cached last W-1 keys + the new ones
+            key, value = cache_update(cache, key, value, self.layer_idx, kwargs)
         attn_output, attn_weights = attention_forward(
             self,
             query,
