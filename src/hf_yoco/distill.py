@@ -127,10 +127,11 @@ def default_self_decoder_layers(num_hidden_layers: int) -> int:
 
 
 def retrieval_rows(tokenizer, haystack_ids: list[int], count: int, length: int, seed: int = 0) -> list[list[int]]:
-    """`count` needle-retrieval sequences of exactly `length` tokens from training text: 1-3 needles (1 below 256 tokens; "The special
-    magic number of X is N."), the first at a uniform depth, then the question about it and the answer. Distilled
-    like any text (KL to the original), they carry the original's retrieval to the cross-decoder, which alone reads
-    tokens beyond the window: with a window of half the sequence, about half the needles lie beyond it."""
+    """`count` needle-retrieval sequences of exactly `length` tokens from training text: 1-3 needles ("The special
+    magic number of X is N."; one below 256 tokens), the first at a uniform depth, then the question about it and the
+    answer, which takes its length off the haystack's start (never off a needle). Distilled like any text (KL to the
+    original), they carry the original's retrieval to the cross-decoder, which alone reads tokens beyond the window:
+    with a window of half the sequence, about half the needles lie beyond it."""
     import random
 
     from .evaluation import build_niah_prompt
