@@ -692,15 +692,15 @@ class YocoSlidingWindowAttention(nn.Module):
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin, self.config.official_numerics)
-        if cache is not None and self.sink_tokens:  # a YocoCache (the model refuses others with sinks)
-            layer = cache.layers[self.layer_idx]
-            window_started = layer.get_mask_sizes(length)[1] > 0  # the sinks may have left the window
-            layer.update_sinks(key, value, sink_flags)
+        if cache is not None:  # cached last W-1 keys + the new ones
+            window_started = False
+            if self.sink_tokens:  # a YocoCache (the model refuses others with sinks; the paged cache has no layers)
+                layer = cache.layers[self.layer_idx]
+                window_started = layer.get_mask_sizes(length)[1] > 0  # the sinks may have left the window
+                layer.update_sinks(key, value, sink_flags)
             key, value = cache_update(cache, key, value, self.layer_idx, kwargs)
             if window_started:  # [B, H_kv, S + K, D]: the sinks, then the window (the mask has S columns first)
                 key, value = layer.prepend_sinks(key, value)
-        elif cache is not None:  # cached last W-1 keys + the new ones
-            key, value = cache_update(cache, key, value, self.layer_idx, kwargs)
         attn_output, attn_weights = attention_forward(
             self,
             query,
@@ -1173,12 +1173,6 @@ class YocoModel(YocoPreTrainedModel):
         (`q - W < p` or p is a sink), and p is not padding. Once the cached window no longer starts at position 0,
         the S sink columns come first (the layers put the cached sinks before the window: `prepend_sinks`), each
         visible when its sink has left the window."""
-        implementation = self.config._attn_implementation
-        if implementation not in ("sdpa", "eager"):
-            raise ValueError(
-                f"`attention_sink_tokens` needs attn_implementation 'sdpa' or 'eager' (the sinks need an explicit "
-                f"mask; the Triton kernels take them on the 'sdpa' path), got {implementation!r}"
-            )
         if attention_mask is not None and attention_mask.ndim != 2:
             raise ValueError(
                 "`attention_sink_tokens` needs a 2D (padding) `attention_mask`; a custom 4D mask was given"
@@ -1193,20 +1187,11 @@ class YocoModel(YocoPreTrainedModel):
 
         if packed_sequences is not None:
             visible = and_masks(visible, packed_sequence_mask_function(packed_sequences))
-        mask = ALL_MASK_ATTENTION_FUNCTIONS[implementation](
-            batch_size=batch,
-            q_length=length,
-            kv_length=kv_length,
-            q_offset=cache_positions[0],
-            kv_offset=kv_offset,
-            mask_function=visible,
-            attention_mask=None if attention_mask is None else attention_mask.to(torch.bool),
-            allow_is_causal_skip=False,
-            dtype=inputs_embeds.dtype,
-            config=self.config,
-            use_vmap=False,
-            device=inputs_embeds.device,
-        )  # [B, 1, T, K]
+        padding = None if attention_mask is None else attention_mask.to(torch.bool)
+        mask = self._explicit_mask(
+            inputs_embeds, visible, cache_positions[0], kv_length, kv_offset, padding,
+            needs="`attention_sink_tokens`",
+        )  # fmt: skip  # [B, 1, T, K]
         if kv_offset == 0:
             return mask
         positions = cache.layers[0].sink_positions  # [B, S], before this forward (its new sinks are in the window)
@@ -1229,12 +1214,6 @@ class YocoModel(YocoPreTrainedModel):
     ) -> torch.Tensor | None:
         """Sliding-window mask over a static cache's ring buffer: key j (at absolute position `p_j`, -1 = empty) is
         visible to the query at position q when `q - W < p_j <= q` and `p_j` is not padding."""
-        implementation = self.config._attn_implementation
-        if implementation not in ("sdpa", "eager"):
-            raise ValueError(
-                f"a static cache with sliding-window attention needs attn_implementation 'sdpa' or 'eager' (its window "
-                f"is a ring buffer, which needs an explicit mask), got {implementation!r}"
-            )
         key_positions = ring.attention_key_positions(inputs_embeds.shape[1])  # [K]
         window = self.config.sliding_window
         padding = None if attention_mask is None else attention_mask.to(device=key_positions.device, dtype=torch.bool)
@@ -1246,14 +1225,37 @@ class YocoModel(YocoPreTrainedModel):
                 allowed = allowed & padding[batch_idx, position.clamp(min=0)]
             return allowed
 
+        return self._explicit_mask(
+            inputs_embeds, visible, cache_positions[0], key_positions.shape[0], 0, None,
+            needs="a static cache with sliding-window attention (a ring buffer)",
+        )  # fmt: skip
+
+    def _explicit_mask(
+        self,
+        inputs_embeds: torch.Tensor,
+        mask_function,
+        q_offset: int | torch.Tensor,
+        kv_length: int,
+        kv_offset: int,
+        padding: torch.Tensor | None,
+        needs: str,
+    ) -> torch.Tensor:
+        """A 4D self-decoder mask from `mask_function` (absolute positions) through transformers' sdpa / eager mask
+        interface, never skipped for `is_causal`; other attention implementations are refused, naming `needs`."""
+        implementation = self.config._attn_implementation
+        if implementation not in ("sdpa", "eager"):
+            raise ValueError(
+                f"{needs} needs attn_implementation 'sdpa' or 'eager' (an explicit mask; hf_yoco's Triton kernels run "
+                f"on the 'sdpa' path), got {implementation!r}"
+            )
         return ALL_MASK_ATTENTION_FUNCTIONS[implementation](
             batch_size=inputs_embeds.shape[0],
             q_length=inputs_embeds.shape[1],
-            kv_length=key_positions.shape[0],
-            q_offset=cache_positions[0],
-            kv_offset=0,
-            mask_function=visible,
-            attention_mask=None,
+            kv_length=kv_length,
+            q_offset=q_offset,
+            kv_offset=kv_offset,
+            mask_function=mask_function,
+            attention_mask=padding,
             allow_is_causal_skip=False,
             dtype=inputs_embeds.dtype,
             config=self.config,
