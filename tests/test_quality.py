@@ -68,6 +68,7 @@ def test_smoke_study_writes_its_reports(tmp_path, monkeypatch):
     assert set(passkey["models"]) == {"llama", "window-only"}
     assert all(0 <= run["key_accuracy"] <= 1 for run in passkey["models"].values())
     assert "| window-only |" in (tmp_path / "out" / "passkey.md").read_text()
+    assert (tmp_path / "out" / "passkey.png").stat().st_size > 0
     stamp = (tmp_path / "models" / "main" / "llama" / "model.safetensors").stat().st_mtime_ns
     assert (
         main(["compare", "--smoke", "--output-dir", "out2", "--models-dir", "models", "--data-dir", str(data_dir)])
@@ -77,10 +78,13 @@ def test_smoke_study_writes_its_reports(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "out2" / "results.json").read_text())["runs"] == results["runs"]
 
 
-def test_passkey_curriculum_grows_the_sequences_then_holds_the_full_length():
-    settings = StudySettings(passkey_length=384, passkey_start_length=48, passkey_steps=100, passkey_curriculum=0.5)
+def test_passkey_curriculum_holds_the_short_length_then_grows_then_holds_the_full_length():
+    settings = StudySettings(passkey_length=384, passkey_start_length=48, passkey_steps=100, passkey_hold=0.2,
+                             passkey_curriculum=0.5)  # fmt: skip
     lengths = [passkey_length(settings, step) for step in range(100)]
-    assert lengths[0] == 48 and lengths[25] == 216 and lengths[50:] == [384] * 50
+    assert lengths[:21] == [48] * 21 and lengths[45] == 216 and lengths[70:] == [384] * 30
     assert lengths == sorted(lengths)
-    settings.passkey_curriculum = 0.0  # no curriculum: full length from the first step
+    settings.passkey_curriculum = 0.0  # no ramp: the full length right after the hold
+    assert passkey_length(settings, 19) == 48 and passkey_length(settings, 20) == 384
+    settings.passkey_hold = 0.0  # no curriculum at all: full length from the first step
     assert passkey_length(settings, 0) == 384

@@ -12,7 +12,7 @@ small scale a window-only model (sliding-window attention in every layer), the b
 
 Writes `results.json` (settings, configs, per-run curves, final per-corpus loss / perplexity, training and decode
 tokens/s), `results.md` (the tables) and `curves.png` (held-out loss against training tokens). Trained models go to
-`outputs/quality/<scale>/<model>/` (not committed) for reuse: `--passkey` fine-tunes the small-scale ones on a
+`outputs/quality/<scale>/<model>/` (not committed) for reuse: `--passkey` (~40 minutes) fine-tunes the small-scale ones on a
 passkey hidden in text beyond the window and reports who retrieves it.
 """
 
@@ -64,16 +64,19 @@ class StudySettings:
     decode_batch: int = 8
     decode_prompt: int = 128
     decode_tokens: int = 48
-    # passkey fine-tune of the small-scale models (`--passkey`): sequence length (beyond the window-only model's
-    # receptive field, layers x (window - 1) + 1), steps, batch, learning rate, held-out samples; a curriculum grows
-    # the training sequences from `passkey_start_length` to `passkey_length` over the first `passkey_curriculum`
-    # of the steps (retrieval is learnt at short range first, then stretched)
+    # passkey fine-tune of the small-scale models (`--passkey`): test length (beyond the window-only model's
+    # receptive field, layers x (window - 1) + 1), steps, batch, learning rate, held-out samples. Each training batch
+    # has a random length up to a curriculum's limit: `passkey_start_length` for the first `passkey_hold` of the
+    # steps (the copying is learnt there, suddenly, after ~200 steps), growing to `passkey_length` over the next
+    # `passkey_curriculum` of them. Random lengths make the model find the key by content: at one fixed length it
+    # learns a fixed offset instead, which fails as soon as the sequences grow.
     passkey_length: int = 384
-    passkey_start_length: int = 48
-    passkey_curriculum: float = 0.5
-    passkey_steps: int = 200
-    passkey_batch: int = 8
-    passkey_learning_rate: float = 5e-4
+    passkey_start_length: int = 64
+    passkey_hold: float = 0.25
+    passkey_curriculum: float = 0.4
+    passkey_steps: int = 1200
+    passkey_batch: int = 16
+    passkey_learning_rate: float = 1e-3
     passkey_samples: int = 128
     scales: dict[str, Scale] = field(
         default_factory=lambda: {
@@ -364,10 +367,11 @@ def passkey_batch(tokenizer, filler_blocks, count: int, length: int, generator: 
 
 
 def passkey_length(settings: StudySettings, step: int) -> int:
-    """Training sequence length at `step`: linear from `passkey_start_length` to `passkey_length` over the first
-    `passkey_curriculum` of the steps, then `passkey_length`."""
+    """The curriculum's longest training sequence at `step`: `passkey_start_length` for the first `passkey_hold` of
+    the steps, then linear up to `passkey_length` over the next `passkey_curriculum` of them, then `passkey_length`."""
+    hold = settings.passkey_hold * settings.passkey_steps
     ramp = settings.passkey_curriculum * settings.passkey_steps
-    done = 1.0 if ramp <= 0 else min(1.0, step / ramp)
+    done = min(1.0, max(0.0, step - hold) / ramp) if ramp > 0 else float(step >= hold)
     start = min(settings.passkey_start_length, settings.passkey_length)
     return round(start + (settings.passkey_length - start) * done)
 
@@ -387,7 +391,8 @@ def passkey_test(settings: StudySettings, data_dir: Path, models_dir: Path, scal
     floor = passkey_overhead(phrases) + 1  # the curriculum's shortest sequence still holds some filler
     scale = settings.scales[scale_name]
     results = {"scale": scale_name, "length": settings.passkey_length, "steps": settings.passkey_steps,
-               "start_length": settings.passkey_start_length, "curriculum": settings.passkey_curriculum,
+               "start_length": settings.passkey_start_length, "hold": settings.passkey_hold,
+               "curriculum": settings.passkey_curriculum,
                "learning_rate": settings.passkey_learning_rate, "batch": settings.passkey_batch,
                "window": settings.sliding_window,
                "window_only_receptive_field": scale.num_layers * (settings.sliding_window - 1) + 1,
@@ -400,7 +405,8 @@ def passkey_test(settings: StudySettings, data_dir: Path, models_dir: Path, scal
         generator = torch.Generator().manual_seed(0)
 
         def next_batch(step: int, generator: torch.Generator = generator) -> tuple[torch.Tensor, torch.Tensor]:
-            length = max(passkey_length(settings, step), floor)
+            longest = max(passkey_length(settings, step), floor)
+            length = int(torch.randint(floor, longest + 1, (1,), generator=generator))
             return passkey_batch(tokenizer, train_set, settings.passkey_batch, length, generator, phrases)
 
         start = time.perf_counter()
@@ -415,10 +421,47 @@ def passkey_test(settings: StudySettings, data_dir: Path, models_dir: Path, scal
             "key_accuracy": correct.all(-1).float().mean().item(),
             "final_loss": sum(losses[-10:]) / len(losses[-10:]),
             "seconds": time.perf_counter() - start,
+            "curve": passkey_curve(settings, losses),
         }
         print(f"   passkey {folder.name}: key accuracy {results['models'][folder.name]['key_accuracy']:.2f}",
               flush=True)  # fmt: skip
     return results
+
+
+def passkey_curve(settings: StudySettings, losses: list[float], points: int = 45) -> list[dict[str, float]]:
+    """The fine-tune's answer loss, averaged over `points` equal spans of steps, with the curriculum's limit there."""
+    span = max(1, len(losses) // points)
+    return [
+        {"step": first, "longest": passkey_length(settings, first),
+         "loss": sum(losses[first : first + span]) / len(losses[first : first + span])}
+        for first in range(0, len(losses), span)
+    ]  # fmt: skip
+
+
+def passkey_plot(results: dict, path: Path) -> None:
+    """Answer loss of every model's passkey fine-tune against the step, the sequence length on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for name, run in results["models"].items():
+        axis.plot([p["step"] for p in run["curve"]], [p["loss"] for p in run["curve"]], label=name)
+    axis.axhline(math.log(10), color="grey", linestyle=":", label="chance (ln 10)")
+    axis.set_xlabel("fine-tuning step")
+    axis.set_ylabel("answer loss")
+    axis.grid(alpha=0.3)
+    axis.legend(loc="upper right")
+    lengths = next(iter(results["models"].values()))["curve"] if results["models"] else []
+    twin = axis.twinx()
+    twin.plot([p["step"] for p in lengths], [p["longest"] for p in lengths], color="black", alpha=0.3)
+    twin.axhline(results["window_only_receptive_field"], color="black", alpha=0.3, linestyle="--")
+    twin.set_ylabel("longest sequence (dashed: window-only reach)")
+    axis.set_title("passkey fine-tune (small scale)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def passkey_markdown(results: dict) -> str:
@@ -427,9 +470,11 @@ def passkey_markdown(results: dict) -> str:
         "",
         f"Each trained model is fine-tuned for {results['steps']} steps (lr {results['learning_rate']}, batch "
         f"{results['batch']}) on sequences of real text with a 4-digit pass key in the first tokens and the question "
-        f"at the end (loss on the answer digits only; the sequences grow from {results['start_length']} to "
-        f"{results['length']} tokens over the first {results['curriculum']:.0%} of the steps), then scored on "
-        f"{results['length']}-token held-out text. Sliding window {results['window']}: the window-only model sees at "
+        f"at the end (loss on the answer digits only). Each batch has a random length up to a limit that stays at "
+        f"{results['start_length']} tokens for the first {results['hold']:.0%} of the steps, where every model sees "
+        f"the key and learns to copy it, then grows to {results['length']} over the next {results['curriculum']:.0%} "
+        "(`passkey.png`). "
+        f"Scored on {results['length']}-token held-out text. Sliding window {results['window']}: the window-only model sees at "
         f"most {results['window_only_receptive_field']} tokens back, the key is about {results['length'] - 16} back. "
         "Chance: 0.10 per digit, 0.0001 per key.",
         "",
@@ -541,6 +586,7 @@ def run(args: argparse.Namespace) -> int:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "passkey.json").write_text(json.dumps(results, indent=1))
         (output_dir / "passkey.md").write_text(passkey_markdown(results))
+        passkey_plot(results, output_dir / "passkey.png")
         print(passkey_markdown(results))
         return 0
     results = run_study(settings, Path(args.output_dir), Path(args.data_dir or data.default_data_dir()),
