@@ -12,8 +12,8 @@ small scale a window-only model (sliding-window attention in every layer), the b
 
 Writes `results.json` (settings, configs, per-run curves, final per-corpus loss / perplexity, training and decode
 tokens/s), `results.md` (the tables) and `curves.png` (held-out loss against training tokens). Trained models go to
-`outputs/quality/<scale>/<model>/` (not committed) for reuse: `--passkey` (~40 minutes) fine-tunes the small-scale ones on a
-passkey hidden in text beyond the window and reports who retrieves it.
+`outputs/quality/<scale>/<model>/` (not committed) for reuse: `--passkey` (~40 minutes) fine-tunes the small-scale
+ones on a passkey hidden in text beyond the window and reports who retrieves it.
 """
 
 from __future__ import annotations
@@ -473,9 +473,8 @@ def passkey_markdown(results: dict) -> str:
         f"at the end (loss on the answer digits only). Each batch has a random length up to a limit that stays at "
         f"{results['start_length']} tokens for the first {results['hold']:.0%} of the steps, where every model sees "
         f"the key and learns to copy it, then grows to {results['length']} over the next {results['curriculum']:.0%} "
-        "(`passkey.png`). "
-        f"Scored on {results['length']}-token held-out text. Sliding window {results['window']}: the window-only model sees at "
-        f"most {results['window_only_receptive_field']} tokens back, the key is about {results['length'] - 16} back. "
+        f"(`passkey.png`). Scored on {results['length']}-token held-out text. Sliding window {results['window']}: "
+        f"the window-only model sees at most {results['window_only_receptive_field']} tokens back, the key is about {results['length'] - 16} back. "
         "Chance: 0.10 per digit, 0.0001 per key.",
         "",
         "| model | key accuracy | digit accuracy | final loss |",
