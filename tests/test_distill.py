@@ -108,3 +108,38 @@ def test_retrieval_rows_hold_a_needle_its_question_and_the_answer():
             value = answer.split(" is ", 1)[1].strip(" .")
             assert f"special magic number of {key} is {value}." in question  # the needle precedes the question
     assert retrieval_rows(tokenizer, haystack, 3, 128, seed=1) == retrieval_rows(tokenizer, haystack, 3, 128, seed=1)
+
+
+def test_gradient_accumulation_matches_one_larger_batch(tmp_path):
+    """Two accumulated batches of one row train exactly as one batch of two (the loss is averaged, not summed)."""
+    import argparse
+
+    from datasets import Dataset
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from hf_yoco.distill import make_trainer
+
+    teacher = tiny_llama()
+    # two rows of 16 ids, none the padding id 0 (every position has a label)
+    rows = Dataset.from_dict({"input_ids": torch.randint(1, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+                              .tolist()})  # fmt: skip
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"<pad>": 0}, unk_token="<pad>")),
+                                        pad_token="<pad>")  # the collator's padding only  # fmt: skip
+    trained = []
+    for batch, accumulation in ((2, 1), (1, 2)):
+        torch.manual_seed(0)
+        student = yocofy_llama(teacher, "sliding_window", 8)
+        for name, parameter in student.named_parameters():
+            parameter.requires_grad_(name in set(trainable_names(student)))
+        args = argparse.Namespace(max_steps=1, batch_size=batch, gradient_accumulation_steps=accumulation,
+                                  learning_rate=1e-3, warmup_steps=0, logging_steps=1, eval_steps=10, save_steps=10,
+                                  no_progress=True, kl_weight=0.9, temperature=1.0)  # fmt: skip
+        trainer = make_trainer(student, teacher, args, rows, rows, tokenizer, tmp_path / f"b{batch}")
+        trainer.train()
+        loss = next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
+        trained.append((loss, student.model.global_kv.k_proj.weight.detach().clone()))
+    (loss_one, weight_one), (loss_two, weight_two) = trained
+    assert loss_two == pytest.approx(loss_one, rel=1e-4)
+    torch.testing.assert_close(weight_two, weight_one, rtol=1e-4, atol=1e-6)

@@ -170,6 +170,12 @@ def make_trainer(student, teacher, args: argparse.Namespace, train_set, eval_set
     class DistillationTrainer(Trainer):
         """The stock Trainer with the loss above (the teacher runs without gradients beside the student)."""
 
+        def __init__(self, *trainer_args, **trainer_kwargs) -> None:
+            super().__init__(*trainer_args, **trainer_kwargs)
+            # the loss is a mean per batch and ignores `num_items_in_batch`: let the Trainer average it over the
+            # accumulated batches (else it sums them, and `--gradient-accumulation-steps` scales the loss)
+            self.model_accepts_loss_kwargs = False
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             with torch.no_grad():
                 teacher_logits = teacher(
