@@ -439,7 +439,7 @@ def passkey_curve(settings: StudySettings, losses: list[float], points: int = 45
 
 
 def passkey_plot(results: dict, path: Path) -> None:
-    """Answer loss of every model's passkey fine-tune against the step, the sequence length on a second axis."""
+    """Answer loss of every model's passkey fine-tune against the step, the curriculum's limit on a second axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -474,7 +474,8 @@ def passkey_markdown(results: dict) -> str:
         f"{results['start_length']} tokens for the first {results['hold']:.0%} of the steps, where every model sees "
         f"the key and learns to copy it, then grows to {results['length']} over the next {results['curriculum']:.0%} "
         f"(`passkey.png`). Scored on {results['length']}-token held-out text. Sliding window {results['window']}: "
-        f"the window-only model sees at most {results['window_only_receptive_field']} tokens back, the key is about {results['length'] - 16} back. "
+        f"the window-only model sees at most {results['window_only_receptive_field']} tokens back, the key is about "
+        f"{results['length'] - 16} back. "
         "Chance: 0.10 per digit, 0.0001 per key.",
         "",
         "| model | key accuracy | digit accuracy | final loss |",
