@@ -33,7 +33,15 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from hf_yoco.data import AUSTEN_NOVELS, build_austen_corpus, build_shakespeare_corpus, default_data_dir
-from hf_yoco.distill import HELD_OUT_NOVEL, HELD_OUT_PLAY, evaluate, load_smollm2, retrieval, trainable_names
+from hf_yoco.distill import (
+    HELD_OUT_NOVEL,
+    HELD_OUT_PLAY,
+    distillation_loss,
+    evaluate,
+    load_smollm2,
+    retrieval,
+    trainable_names,
+)
 from hf_yoco.evaluation import build_niah_prompt
 
 
@@ -103,12 +111,11 @@ def main() -> None:
             for _ in range(args.rows_per_step):
                 input_ids, answer_mask = beyond_window_row(tokenizer, haystack_ids, args.train_window, rng)
                 with torch.no_grad():
-                    teacher_logits = teacher(input_ids).logits[0, :-1].float()  # [T-1, V]
-                logits = student(input_ids).logits[0, :-1].float()
-                kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher_logits, -1), log_target=True,
-                              reduction="batchmean")  # fmt: skip
+                    teacher_logits = teacher(input_ids).logits  # [1, T, V]
+                logits = student(input_ids).logits
+                _, kl = distillation_loss(logits, teacher_logits, input_ids, 1.0, 1.0, 0.0)  # KL on every token
                 answer = answer_mask[0, 1:]  # positions whose next token is part of the answer
-                answer_loss = F.cross_entropy(logits[answer], input_ids[0, 1:][answer])
+                answer_loss = F.cross_entropy(logits[0, :-1][answer].float(), input_ids[0, 1:][answer])
                 ((kl + args.answer_weight * answer_loss) / args.rows_per_step).backward()
                 kls.append(kl.item())
                 answers.append(answer_loss.item())
@@ -119,17 +126,18 @@ def main() -> None:
             curve.append({"step": step, "kl": sum(kls) / len(kls), "answer_loss": sum(answers) / len(answers)})
             if step % 10 == 0:
                 print(f"step {step}: KL {curve[-1]['kl']:.3f}, answer loss {curve[-1]['answer_loss']:.3f}", flush=True)
+    train_seconds = time.perf_counter() - start
     student.eval()
-    haystack = build_austen_corpus(HELD_OUT_NOVEL, data_dir).read_text()
+    files = {HELD_OUT_PLAY: build_shakespeare_corpus(HELD_OUT_PLAY, data_dir),
+             HELD_OUT_NOVEL: build_austen_corpus(HELD_OUT_NOVEL, data_dir)}  # fmt: skip
+    haystack = files[HELD_OUT_NOVEL].read_text()
     with self_decoder_window(student, args.train_window):
         at_train_window = retrieval(student, tokenizer, haystack, args.train_window_lengths, args.retrieval_trials,
                                     False)  # fmt: skip
-    files = {HELD_OUT_PLAY: build_shakespeare_corpus(HELD_OUT_PLAY, data_dir),
-             HELD_OUT_NOVEL: build_austen_corpus(HELD_OUT_NOVEL, data_dir)}  # fmt: skip
     texts = {name: tokenizer(path.read_text(), return_tensors="pt").input_ids[0][: args.eval_tokens]
              for name, path in files.items()}  # fmt: skip
     results = {"settings": vars(args), "sliding_window": student.config.sliding_window,
-               "train_seconds": time.perf_counter() - start, "rows": args.steps * args.rows_per_step,
+               "train_seconds": train_seconds, "rows": args.steps * args.rows_per_step,
                "curve": curve, "perplexity": evaluate(student, texts, 2048, False)}  # fmt: skip
     results["retrieval"] = {"needle_depth": 0.1, "trials": args.retrieval_trials,
                             "at_train_window": at_train_window,
