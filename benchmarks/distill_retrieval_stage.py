@@ -1,151 +1,177 @@
-"""Teach a distilled YOCO-fied SmolLM2 to retrieve through its global K/V: a short retrieval stage (experiment).
+"""Teach a distilled YOCO-fied SmolLM2 to retrieve beyond its window: the retrieval stage on cached self-decoder
+states (`hf_yoco.distill.retrieval_stage`).
 
-Beyond the self-decoder's window only the cross-decoder can find a needle, through the global K/V, and the
-distillation shows it too few such needles to learn that. Long rows are expensive on a CPU, so this stage shrinks the
-self-decoder's window while it trains (`--train-window`, 16 tokens): short rows (4-16 windows long) then put the
-asked needle beyond the window, and a few thousand of them fit in half an hour. It trains what the distillation
-trains (the global K/V, the cross-decoder's q/o projections and norms) with KL to the original on every token plus
-cross-entropy on the answer, then scores needle retrieval at the training window and, with the real window
-restored, perplexity and retrieval beyond it.
-
-Measured on the distilled SmolLM2 (window 1024 + 4 sinks; 250 steps x 8 rows, 30 minutes on 2 cores): the answer
-loss falls from 2.0 to ~0.3 and at the 16-token window the model now retrieves needles 200 tokens back (4/4; 400
-back: 2/4; before the stage 0/4), so the cross-decoder can learn to read a needle from the global K/V. It does not
-carry over to the real window (1600 / 3072 tokens: 0/4, 0/4) and costs perplexity (Tempest 47.6 -> 59.6, Persuasion
-38.1 -> 44.1): the self-decoder's states at a 16-token window are not the ones it produces at 1024. A curriculum
-that grows the window while training is the next thing to try.
+Beyond the self-decoder's window only the cross-decoder reaches a needle, through the global K/V, and learning that
+takes thousands of long prompts. The self-decoder is frozen, so each prompt's self-decoder output is computed once
+(`needle_rows`: 4 needles per haystack of 1536-3584 Austen tokens, each needle's question continuing the cached
+haystack) and every training step then runs only the global K/V and the cross-decoder, at the answer's positions and
+at 32 text positions whose KL to the model before the stage holds its perplexity.
 
     python benchmarks/distill_retrieval_stage.py --model outputs/smollm2-yoco/model \
-        --output benchmarks/results/distill_smollm2/retrieval_stage.json
+        --rows-dir outputs/needle_rows --output-dir benchmarks/results/distill_smollm2/retrieval_stage
+
+Writes `retrieval_stage.json` (settings, curve, answer accuracy within / beyond the window before and after,
+perplexity and needle retrieval after) and `retrieval_stage.png`; `--save DIR` keeps the model.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_yoco.data import AUSTEN_NOVELS, build_austen_corpus, build_shakespeare_corpus, default_data_dir
 from hf_yoco.distill import (
     HELD_OUT_NOVEL,
     HELD_OUT_PLAY,
-    distillation_loss,
+    NeedleRow,
+    answer_accuracy,
     evaluate,
-    load_smollm2,
+    needle_rows,
     retrieval,
+    retrieval_stage,
+    self_decoder_states,
     trainable_names,
 )
-from hf_yoco.evaluation import build_niah_prompt
 
 
-@contextmanager
-def self_decoder_window(model, window: int):
-    """Give the self-decoder another sliding window for a while (the config and every attention module's copy)."""
-    modules = [m for m in model.modules() if isinstance(getattr(m, "sliding_window", None), int)]
-    previous = model.config.sliding_window
-    for holder in [model.config, *modules]:
-        holder.sliding_window = window
-    try:
-        yield
-    finally:
-        for holder in [model.config, *modules]:
-            holder.sliding_window = previous
+def save_rows(rows: list[NeedleRow], path: Path) -> None:
+    """Rows as safetensors; the questions of one haystack share its states."""
+    tensors, prompts = {}, {}
+    for index, row in enumerate(rows):
+        prompt = prompts.setdefault(row.prompt_states.data_ptr(), len(prompts))
+        tensors[f"prompt.{prompt}"] = row.prompt_states.contiguous()
+        tensors[f"row.{index}.input_ids"] = row.input_ids
+        tensors[f"row.{index}.question_states"] = row.question_states.contiguous()
+        tensors[f"row.{index}.meta"] = torch.tensor([prompt, row.answer_start, row.distance])
+    save_file(tensors, str(path))
 
 
-def beyond_window_row(tokenizer, haystack_ids: list[int], window: int, rng: random.Random):
-    """One needle prompt of 4-16 windows (1-2 needles), the asked needle more than `window` tokens before the
-    question, with its answer; returns `(input_ids [1, T], answer_mask [1, T])`."""
-    while True:
-        length = rng.randint(4 * window, 16 * window)
-        depth = rng.uniform(0.0, max(0.02, (length - window - 40) / length))
-        prompt, answer, needles = build_niah_prompt(tokenizer, haystack_ids, length, depth, rng.randint(1, 2), rng)
-        if len(prompt) - needles[0][2] > window + 4:  # the asked needle starts beyond the window
-            answer_ids = tokenizer(f" {answer}.", add_special_tokens=False).input_ids
-            input_ids = torch.tensor([prompt + answer_ids])
-            answer_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-            answer_mask[0, len(prompt) :] = True
-            return input_ids, answer_mask
+def load_rows(path: Path) -> list[NeedleRow]:
+    tensors = load_file(str(path))
+    rows = []
+    for index in range(sum(1 for name in tensors if name.endswith(".meta"))):
+        prompt, answer_start, distance = tensors[f"row.{index}.meta"].tolist()
+        rows.append(NeedleRow(tensors[f"row.{index}.input_ids"], tensors[f"prompt.{prompt}"],
+                              tensors[f"row.{index}.question_states"], answer_start, distance))  # fmt: skip
+    return rows
+
+
+def cached_rows(path: Path, build) -> list[NeedleRow]:
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_rows(build(), path)
+    return load_rows(path)
+
+
+def split_accuracy(model, rows: list[NeedleRow]) -> dict[str, float]:
+    window = model.config.sliding_window
+    beyond = [row for row in rows if row.distance > window]
+    within = [row for row in rows if row.distance <= window]
+    return {"beyond_window": answer_accuracy(model, beyond), "within_window": answer_accuracy(model, within),
+            "beyond_rows": len(beyond), "within_rows": len(within)}  # fmt: skip
+
+
+def plot(curve: list[dict], window: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(e["step"], e["answer_loss"]) for e in curve if "answer_loss" in e]
+    held = [(e["step"], e["eval_answer_accuracy"]) for e in curve if "eval_answer_accuracy" in e]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(*zip(*train), color="tab:blue", alpha=0.6, label="answer loss (training rows)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("answer cross-entropy")
+    other = ax.twinx()
+    other.plot(*zip(*held), color="tab:red", marker="o", label="held-out answer accuracy")
+    other.set_ylabel("held-out answers right (Persuasion)")
+    other.set_ylim(0, 1)
+    fig.legend(loc="upper center", fontsize=8)
+    ax.set_title(f"retrieval stage, window {window}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="the distilled model folder (`<output-dir>/model`)")
-    parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--rows-dir", required=True, help="cache of the needle rows (built when absent)")
+    parser.add_argument("--prompts", type=int, default=240, help="training haystacks (4 rows each)")
+    parser.add_argument("--eval-prompts", type=int, default=12, help="held-out haystacks (Persuasion)")
+    parser.add_argument("--lengths", type=int, nargs=2, default=[1536, 3584])
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--rows-per-step", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=5e-4)
-    parser.add_argument("--answer-weight", type=float, default=1.0)
-    parser.add_argument("--train-window", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--text-positions", type=int, default=32)
+    parser.add_argument("--kl-weight", type=float, default=1.0)
+    parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--eval-tokens", type=int, default=4096)
-    parser.add_argument("--retrieval-lengths", type=int, nargs="*", default=[1600, 3072])
+    parser.add_argument("--retrieval-lengths", type=int, nargs="*", default=[900, 1600, 3072, 4096])
     parser.add_argument("--retrieval-trials", type=int, default=4)
-    parser.add_argument("--train-window-lengths", type=int, nargs="*", default=[200, 400],
-                        help="needle prompt lengths scored at the training window")  # fmt: skip
     parser.add_argument("--save", help="save the trained model here")
-    parser.add_argument("--output", help="write the JSON here")
+    parser.add_argument("--output-dir", required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
     data_dir = Path(default_data_dir())
-    teacher, tokenizer = load_smollm2()
-    student = AutoModelForCausalLM.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    student = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    novels = [n for n in AUSTEN_NOVELS if n != HELD_OUT_NOVEL]  # training text only
+    train_haystack = tokenizer(build_austen_corpus(novels, data_dir).read_text(), add_special_tokens=False).input_ids
+    held_out = build_austen_corpus(HELD_OUT_NOVEL, data_dir).read_text()
+    held_haystack = tokenizer(held_out, add_special_tokens=False).input_ids
+    rows_dir = Path(args.rows_dir)
+    started = time.perf_counter()
+    eval_rows = cached_rows(rows_dir / "eval.safetensors", lambda: needle_rows(
+        student, tokenizer, held_haystack, args.eval_prompts, tuple(args.lengths), seed=1, progress=True))  # fmt: skip
+    parts = [cached_rows(rows_dir / f"train-{part:03d}.safetensors", lambda part=part: needle_rows(
+        student, tokenizer, train_haystack, 10, tuple(args.lengths), seed=100 + part, progress=True))
+        for part in range(args.prompts // 10)]  # fmt: skip
+    rows = [row for part in parts for row in part]
+    states_seconds = time.perf_counter() - started
+    shortest = min(eval_rows, key=lambda row: len(row.input_ids))  # the cache must be this model's self-decoder
+    torch.testing.assert_close(self_decoder_states(student, shortest.input_ids[None])[0], shortest.states,
+                               atol=1e-4, rtol=1e-4)  # fmt: skip
+
     trainable = set(trainable_names(student))
     for name, parameter in student.named_parameters():
         parameter.requires_grad_(name in trainable)
-    novels = [n for n in AUSTEN_NOVELS if n != HELD_OUT_NOVEL]  # training text only
-    haystack_ids = tokenizer(build_austen_corpus(novels, data_dir).read_text(), add_special_tokens=False).input_ids
-    rng = random.Random(0)
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=0.0)  # fmt: skip
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 10))
-    curve, start = [], time.perf_counter()
-    student.train()
-    with self_decoder_window(student, args.train_window):
-        for step in range(args.steps):
-            kls, answers = [], []
-            for _ in range(args.rows_per_step):
-                input_ids, answer_mask = beyond_window_row(tokenizer, haystack_ids, args.train_window, rng)
-                with torch.no_grad():
-                    teacher_logits = teacher(input_ids).logits  # [1, T, V]
-                logits = student(input_ids).logits
-                _, kl = distillation_loss(logits, teacher_logits, input_ids, 1.0, 1.0, 0.0)  # KL on every token
-                answer = answer_mask[0, 1:]  # positions whose next token is part of the answer
-                answer_loss = F.cross_entropy(logits[0, :-1][answer].float(), input_ids[0, 1:][answer])
-                ((kl + args.answer_weight * answer_loss) / args.rows_per_step).backward()
-                kls.append(kl.item())
-                answers.append(answer_loss.item())
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad()
-            curve.append({"step": step, "kl": sum(kls) / len(kls), "answer_loss": sum(answers) / len(answers)})
-            if step % 10 == 0:
-                print(f"step {step}: KL {curve[-1]['kl']:.3f}, answer loss {curve[-1]['answer_loss']:.3f}", flush=True)
+    before = split_accuracy(student, eval_rows)
+    print(f"{len(rows)} training rows, {len(eval_rows)} held out; answers right before: {before}", flush=True)
+    start = time.perf_counter()
+    curve = retrieval_stage(student, rows, eval_rows, args.steps, args.rows_per_step, args.learning_rate,
+                            args.text_positions, args.kl_weight, args.eval_every, progress=True)  # fmt: skip
     train_seconds = time.perf_counter() - start
-    student.eval()
+    after = split_accuracy(student, eval_rows)
+    print(f"answers right after: {after}", flush=True)
     files = {HELD_OUT_PLAY: build_shakespeare_corpus(HELD_OUT_PLAY, data_dir),
              HELD_OUT_NOVEL: build_austen_corpus(HELD_OUT_NOVEL, data_dir)}  # fmt: skip
-    haystack = files[HELD_OUT_NOVEL].read_text()
-    with self_decoder_window(student, args.train_window):
-        at_train_window = retrieval(student, tokenizer, haystack, args.train_window_lengths, args.retrieval_trials,
-                                    False)  # fmt: skip
     texts = {name: tokenizer(path.read_text(), return_tensors="pt").input_ids[0][: args.eval_tokens]
              for name, path in files.items()}  # fmt: skip
-    results = {"settings": vars(args), "sliding_window": student.config.sliding_window,
-               "train_seconds": train_seconds, "rows": args.steps * args.rows_per_step,
-               "curve": curve, "perplexity": evaluate(student, texts, 2048, False)}  # fmt: skip
-    results["retrieval"] = {"needle_depth": 0.1, "trials": args.retrieval_trials,
-                            "at_train_window": at_train_window,
-                            "at_real_window": retrieval(student, tokenizer, haystack, args.retrieval_lengths,
-                                                        args.retrieval_trials, False)}  # fmt: skip
+    results = {
+        "settings": vars(args), "sliding_window": student.config.sliding_window,
+        "attention_sink_tokens": student.config.attention_sink_tokens,
+        "training_rows": len(rows), "training_prompts": len(parts) * 10, "held_out_rows": len(eval_rows),
+        "row_tokens": sum(len(row.input_ids) for row in rows), "states_seconds": states_seconds,
+        "train_seconds": train_seconds, "row_visits": args.steps * args.rows_per_step,
+        "answer_accuracy_before": before, "answer_accuracy_after": after, "curve": curve,
+        "perplexity": evaluate(student, texts, 2048, False),
+        "retrieval": {"needle_depth": 0.1, "trials": args.retrieval_trials,
+                      "after": retrieval(student, tokenizer, held_out, args.retrieval_lengths, args.retrieval_trials,
+                                         False)},
+    }  # fmt: skip
     print(json.dumps({k: results[k] for k in ("perplexity", "retrieval")}, indent=1))
-    if args.output:
-        Path(args.output).write_text(json.dumps(results, indent=1))
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "retrieval_stage.json").write_text(json.dumps(results, indent=1))
+    plot(curve, student.config.sliding_window, output_dir / "retrieval_stage.png")
     if args.save:
         student.save_pretrained(args.save)
         tokenizer.save_pretrained(args.save)

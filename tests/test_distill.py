@@ -17,8 +17,8 @@ from hf_yoco.distill import distillation_loss, kv_cache_bytes, retrieval_rows, t
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("distill")
-    assert main(["distill", "--smoke", "--no-progress", "--output-dir", str(out / "run"),
-                 "--results-dir", str(out / "results")]) == 0  # fmt: skip
+    assert main(["distill", "--smoke", "--no-progress", "--output-dir", str(out / "run"), "--retrieval-stage-steps",
+                 "2", "--results-dir", str(out / "results")]) == 0  # fmt: skip
     return out
 
 
@@ -32,8 +32,11 @@ def test_smoke_run_saves_a_loadable_yoco_model_with_its_card_and_numbers(smoke_r
     model = AutoModelForCausalLM.from_pretrained(smoke_run / "run" / "model")
     assert model.config.model_type == "hf_yoco" and model.config.sliding_window == 16
     assert model.config.attention_sink_tokens == 4 and results["retrieval_rows"] > 0
-    assert results["self_decoder_layers"] == model.config.num_self_decoder_layers == 3  # two thirds of 4 layers
     card = (smoke_run / "run" / "model" / "README.md").read_text()
+    assert results["self_decoder_layers"] == model.config.num_self_decoder_layers == 3  # two thirds of 4 layers
+    stage = results["retrieval_stage"]  # 2 haystacks x 4 needles, held-out rows scored before and after
+    assert stage["rows"] == 8 and stage["steps"] == 2 and [e["step"] for e in stage["curve"]] == [0, 1, 2]
+    assert "eval_answer_accuracy" in stage["curve"][-1] and "retrieval stage: 2 steps on 8" in card
     assert "perplexity (the-tempest), distilled" in card and "hf-yoco distill" in card
     assert {p.name for p in (smoke_run / "results").iterdir()} == {"distill.json", "MODEL_CARD.md", "curve.png"}
     assert not list((smoke_run / "results").glob("*.safetensors"))  # results never hold weights
@@ -143,3 +146,68 @@ def test_gradient_accumulation_matches_one_larger_batch(tmp_path):
     (loss_one, weight_one), (loss_two, weight_two) = trained
     assert loss_two == pytest.approx(loss_one, rel=1e-4)
     torch.testing.assert_close(weight_two, weight_one, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def needle_setup():
+    from pathlib import Path
+
+    from hf_yoco.data import build_shakespeare_corpus, default_data_dir
+    from hf_yoco.distill import needle_rows, smoke_teacher
+
+    data_dir = Path(default_data_dir())
+    teacher, tokenizer = smoke_teacher(data_dir)
+    student = yocofy_llama(teacher, "sliding_window", 16, num_self_decoder_layers=3, attention_sink_tokens=2)
+    haystack = tokenizer(build_shakespeare_corpus("macbeth", data_dir).read_text(), add_special_tokens=False).input_ids
+    return student, tokenizer, needle_rows(student, tokenizer, haystack, 2, (300, 400), needles=3, seed=1)
+
+
+def test_needle_rows_cache_the_self_decoder_output_of_each_question(needle_setup):
+    """Each prompt runs through the self-decoder once and each needle's question continues it from a copy of the
+    cache: the cached states equal the self-decoder's output over the whole row, the answer is that needle's value,
+    and `distance` counts the tokens from the needle to the question."""
+    from hf_yoco.distill import self_decoder_states
+
+    student, tokenizer, rows = needle_setup
+    assert len(rows) == 2 * 3 and all(300 <= len(row.input_ids) <= 440 for row in rows)
+    assert rows[0].prompt_states is rows[1].prompt_states  # one prompt's questions share its states
+    for row in rows:
+        torch.testing.assert_close(row.states, self_decoder_states(student, row.input_ids[None])[0], atol=1e-5,
+                                   rtol=1e-5)  # fmt: skip
+        question_start = len(row.prompt_states)
+        key = tokenizer.decode(row.input_ids[question_start : row.answer_start]).split(" of ")[1].split("?")[0]
+        value = tokenizer.decode(row.input_ids[row.answer_start :]).strip(" .")
+        needle = tokenizer.decode(row.input_ids[question_start - row.distance : question_start])
+        assert needle.startswith(f" The special magic number of {key} is {value}.")
+    assert any(row.distance > 16 for row in rows)  # beyond the window: only the global K/V holds the needle
+
+
+def test_retrieval_stage_learns_the_answers_and_trains_only_what_distillation_trains(needle_setup):
+    """On cached states, the stage lowers the answer loss, starts from a zero KL to the model as it was (the
+    reference), reports held-out answer accuracy on schedule, and leaves the frozen self-decoder untouched."""
+    import copy
+
+    from hf_yoco.distill import answer_accuracy, retrieval_stage
+
+    student, _, rows = needle_setup
+    student = copy.deepcopy(student)
+    trainable = set(trainable_names(student))
+    for name, parameter in student.named_parameters():
+        parameter.requires_grad_(name in trainable)
+    frozen = {name: p.detach().clone() for name, p in student.named_parameters() if name not in trainable}
+    torch.manual_seed(0)
+    curve = retrieval_stage(student, rows, rows[:2], steps=40, rows_per_step=3, learning_rate=2e-2,
+                            text_positions=8, eval_every=20)  # fmt: skip
+    assert [entry["step"] for entry in curve if "eval_answer_accuracy" in entry] == [0, 20, 40]
+    assert curve[1]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first step's student is the reference
+    train = [entry for entry in curve if "answer_loss" in entry]
+    first, last = (sum(e["answer_loss"] for e in part) / 5 for part in (train[:5], train[-5:]))
+    assert len(train) == 40 and last < first - 0.4  # a tiny random teacher's cross layer learns slowly: ~0.6 nats
+    assert all(torch.equal(p, frozen[name]) for name, p in student.named_parameters() if name in frozen)
+    assert 0.0 <= answer_accuracy(student, rows) <= 1.0 and not student.training
+
+
+def test_retrieval_stage_lengths_must_reach_beyond_the_window(tmp_path, capsys):
+    assert main(["distill", "--smoke", "--no-progress", "--retrieval-stage-steps", "2", "--retrieval-stage-lengths",
+                 "300", "16", "--output-dir", str(tmp_path)]) == 2  # fmt: skip
+    assert "--retrieval-stage-lengths must be MIN <= MAX with MAX above --sliding-window 16" in capsys.readouterr().err

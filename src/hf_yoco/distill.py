@@ -43,7 +43,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -231,6 +231,147 @@ def retrieval(model, tokenizer, haystack: str, lengths: list[int], trials: int, 
     return {str(length): row[0] for length, row in zip(lengths, result["accuracy"])}
 
 
+# --------------------------------------------------------------------------------------------- retrieval stage
+
+
+class NeedleRow(NamedTuple):
+    """One needle-retrieval prompt and its answer, with the frozen self-decoder's output over it."""
+
+    input_ids: torch.Tensor  # [T]: haystack with needles, the question, the answer
+    prompt_states: torch.Tensor  # [P, d]: the self-decoder's output over the haystack (shared by its questions)
+    question_states: torch.Tensor  # [T - P, d]: ... and over this row's question and answer
+    answer_start: int  # index of the answer's first token
+    distance: int  # tokens from the asked needle to the question (beyond the window when > window)
+
+    @property
+    def states(self) -> torch.Tensor:
+        """The self-decoder's output over the whole row `[T, d]` (what the global K/V is built from)."""
+        return torch.cat([self.prompt_states, self.question_states])
+
+
+@torch.no_grad()
+def self_decoder_states(model, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
+    """The self-decoder's output `[B, T, d]` over `input_ids` `[B, T]` (continuing `cache` if given, which is then
+    updated), the input of the global K/V: a forward that runs the cross-decoder on one position only."""
+    from .models.modeling_common import cache_kwarg
+
+    captured = []
+    handle = model.model.global_kv.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+    try:
+        model.model(input_ids=input_ids, logits_to_keep=1, use_cache=cache is not None, **cache_kwarg(cache))
+    finally:
+        handle.remove()
+    return torch.cat(captured, dim=1)  # chunked prefill builds the global K/V chunk by chunk
+
+
+def needle_rows(
+    model, tokenizer, haystack_ids: list[int], prompts: int, lengths: tuple[int, int], needles: int = 4,
+    seed: int = 0, progress: bool = False,
+) -> list[NeedleRow]:  # fmt: skip
+    """Needle-retrieval rows and the self-decoder's output over each, the data of `retrieval_stage`.
+
+    Each of the `prompts` haystacks (`lengths[0]..lengths[1]` tokens of `haystack_ids`) holds `needles` needles at
+    random depths and is run through the self-decoder once; then each needle's question and answer continue it from
+    a copy of the cache, so one prompt gives `needles` rows (about `1 - window / length` of them beyond the window)."""
+    import copy
+    import random
+
+    from tqdm.auto import tqdm
+
+    from .evaluation import _question, build_niah_prompt
+    from .models.modeling_yoco import YocoCache
+
+    rng = random.Random(seed)
+    rows = []
+    model.eval()
+    for _ in tqdm(range(prompts), desc="self-decoder states", disable=not progress):
+        prompt, _, placed = build_niah_prompt(tokenizer, haystack_ids, rng.randint(*lengths), rng.random(), needles,
+                                              rng)  # fmt: skip
+        prefix = prompt[: len(prompt) - len(tokenizer(_question(placed[0][0]), add_special_tokens=False).input_ids)]
+        cache = YocoCache(config=model.config)
+        prefix_states = self_decoder_states(model, torch.tensor([prefix]), cache)[0]  # [T_prefix, d]
+        for key, value, offset in placed:
+            question = tokenizer(_question(key), add_special_tokens=False).input_ids
+            answer = tokenizer(f" {value}.", add_special_tokens=False).input_ids
+            suffix_states = self_decoder_states(model, torch.tensor([question + answer]), copy.deepcopy(cache))[0]
+            rows.append(NeedleRow(torch.tensor(prefix + question + answer), prefix_states, suffix_states,
+                                  len(prefix) + len(question), len(prefix) - offset))  # fmt: skip
+    return rows
+
+
+def answer_accuracy(model, rows: list[NeedleRow]) -> float:
+    """Share of `rows` whose whole answer the model predicts token by token (greedy, teacher-forced)."""
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for row in rows:
+            positions = torch.arange(row.answer_start - 1, len(row.input_ids) - 1)
+            logits = model.lm_head(model.model.cross_decoder_forward(row.states[None], positions[None]))[0]
+            correct += bool((logits.argmax(-1) == row.input_ids[row.answer_start :]).all())
+    return correct / max(len(rows), 1)
+
+
+def retrieval_stage(
+    student, rows: list[NeedleRow], eval_rows: list[NeedleRow], steps: int, rows_per_step: int,
+    learning_rate: float, text_positions: int = 64, kl_weight: float = 1.0, eval_every: int = 25, seed: int = 0,
+    progress: bool = False,
+) -> list[dict[str, float]]:  # fmt: skip
+    """Teach the cross-decoder to read needles through the global K/V, on the frozen self-decoder's cached output.
+
+    Beyond the window only the cross-decoder reaches a needle, and learning that needs thousands of long prompts:
+    far too many full forwards for a CPU. The self-decoder is frozen, though, and the cross-decoder reads nothing but
+    its output, so each prompt's self-decoder output is computed once (`needle_rows`) and every step then runs only
+    the global K/V and the cross-decoder (`YocoModel.cross_decoder_forward`), at the answer's positions and at
+    `text_positions` random text positions. Loss per prompt: cross-entropy on the answer, plus `kl_weight` times the
+    KL from the model as it was before the stage at the text positions (what holds its perplexity). Trains what the
+    distillation trains (parameters with `requires_grad`). Returns the curve (loss, answer loss, KL, and held-out
+    answer accuracy every `eval_every` steps)."""
+    import copy
+    import random
+
+    from .training import fit
+
+    reference = copy.deepcopy(student).eval().requires_grad_(False)  # the model before the stage
+    rng = random.Random(seed)
+    order: list[int] = []
+    curve: list[dict[str, float]] = []
+
+    def step_loss(step: int) -> float:
+        nonlocal order
+        totals = {"answer_loss": 0.0, "kl": 0.0}
+        for _ in range(rows_per_step):
+            if not order:
+                order = rng.sample(range(len(rows)), len(rows))
+            row = rows[order.pop()]
+            answer = torch.arange(row.answer_start - 1, len(row.input_ids) - 1)  # positions predicting the answer
+            text = torch.tensor(rng.sample(range(row.answer_start - 1), min(text_positions, row.answer_start - 1)))
+            positions = torch.cat([answer, text])[None]  # [1, A + P]
+            states = row.states[None]  # [1, T, d]
+            logits = student.lm_head(student.model.cross_decoder_forward(states, positions))[0]
+            answer_loss = F.cross_entropy(logits[: len(answer)].float(), row.input_ids[row.answer_start :])
+            with torch.no_grad():
+                target = reference.lm_head(reference.model.cross_decoder_forward(states, text[None]))[0]
+            kl = F.kl_div(F.log_softmax(logits[len(answer) :].float(), -1), F.log_softmax(target.float(), -1),
+                          log_target=True, reduction="batchmean")  # fmt: skip
+            ((answer_loss + kl_weight * kl) / rows_per_step).backward()
+            totals["answer_loss"] += answer_loss.item() / rows_per_step
+            totals["kl"] += kl.item() / rows_per_step
+        curve.append({"step": step + 1, **totals, "loss": totals["answer_loss"] + kl_weight * totals["kl"]})
+        return curve[-1]["loss"]
+
+    def on_step(step: int, _loss: float) -> None:
+        if eval_rows and ((step + 1) % eval_every == 0 or step + 1 == steps):
+            curve[-1]["eval_answer_accuracy"] = answer_accuracy(student, eval_rows)
+            student.train()
+
+    if eval_rows:
+        curve.append({"step": 0, "eval_answer_accuracy": answer_accuracy(student, eval_rows)})
+    fit(student, step_loss, steps, learning_rate, warmup_steps=10, progress="retrieval stage" if progress else None,
+        on_step=on_step)  # fmt: skip
+    student.eval()
+    return curve
+
+
 # ----------------------------------------------------------------------------------------------------------- run
 
 
@@ -332,6 +473,8 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.lora_rank:
         student = student.merge_and_unload()
+    if args.retrieval_stage_steps:
+        results["retrieval_stage"] = run_retrieval_stage(student, tokenizer, args, train_files[-1], eval_files)
     student.eval()
     results["distilled_ppl"] = evaluate(student, eval_texts, args.eval_window, progress)
     results["ratio_to_original"] = {name: results["distilled_ppl"][name] / results["teacher_ppl"][name]
@@ -372,6 +515,28 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def run_retrieval_stage(student, tokenizer, args: argparse.Namespace, train_file: Path, eval_files: dict) -> dict:
+    """`retrieval_stage` after distillation: needle rows from the training text, held-out rows from the held-out
+    text (its answer accuracy is the stage's curve)."""
+    started = time.perf_counter()
+    held_out = eval_files[HELD_OUT_NOVEL if HELD_OUT_NOVEL in eval_files else HELD_OUT_PLAY]
+    haystacks = [tokenizer(path.read_text(), add_special_tokens=False).input_ids for path in (train_file, held_out)]
+    lengths = tuple(args.retrieval_stage_lengths)
+    progress = not args.no_progress
+    rows = needle_rows(student, tokenizer, haystacks[0], args.retrieval_stage_prompts, lengths, progress=progress)
+    eval_rows = needle_rows(student, tokenizer, haystacks[1], max(args.retrieval_stage_prompts // 20, 1), lengths,
+                            seed=1, progress=progress)  # fmt: skip
+    trainable = set(trainable_names(student))
+    for name, parameter in student.named_parameters():
+        parameter.requires_grad_(name in trainable)
+    curve = retrieval_stage(student, rows, eval_rows, args.retrieval_stage_steps, args.retrieval_stage_rows_per_step,
+                            args.retrieval_stage_learning_rate, progress=progress)  # fmt: skip
+    student.requires_grad_(False)
+    return {"rows": len(rows), "held_out_rows": len(eval_rows), "steps": args.retrieval_stage_steps,
+            "row_tokens": sum(len(row.input_ids) for row in rows), "curve": curve,
+            "seconds": time.perf_counter() - started}  # fmt: skip
+
+
 def model_card(student, results: dict[str, Any], args: argparse.Namespace):
     """The distilled model's card (`hf_yoco.hub.create_model_card`) from a run's `results` (its `distill.json`)."""
     from .hub import create_model_card
@@ -387,6 +552,9 @@ def model_card(student, results: dict[str, Any], args: argparse.Namespace):
         "and norms" + (f", LoRA r={args.lora_rank} on the cross-decoder MLPs" if args.lora_rank else "") + "). "
         + (f"Start: least-squares calibration of the cross layers on {args.calibration_tokens} tokens. "
            if args.calibration_tokens else "")
+        + (f"Then a retrieval stage: {results['retrieval_stage']['steps']} steps on {results['retrieval_stage']['rows']} "
+           "needle rows, the cross-decoder trained on the cached self-decoder output (answer cross-entropy plus KL "
+           "to the distilled model on text). " if "retrieval_stage" in results else "")
         + f"{config.num_self_decoder_layers} of {config.num_hidden_layers} layers kept as the self-decoder, sliding "
         f"window {config.sliding_window} with {config.attention_sink_tokens} attention sinks. Needle retrieval "
         f"(depth 0.1, {retrieval['trials']} trials): original {retrieval['original']}, YOCO {retrieval['distilled']}. "
@@ -449,6 +617,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--retrieval-fraction", type=fraction, default=0.2,
         help="share of training sequences that are needle-retrieval prompts from training text (below 1)",
     )  # fmt: skip
+    parser.add_argument(
+        "--retrieval-stage-steps", type=non_negative_int, default=0,
+        help="steps of the retrieval stage after distillation (0: none): the cross-decoder learns to read needles "
+        "beyond the window from cached self-decoder states",
+    )  # fmt: skip
+    parser.add_argument("--retrieval-stage-prompts", type=positive_int, default=240,
+                        help="haystacks of the retrieval stage (4 needle rows each)")  # fmt: skip
+    parser.add_argument("--retrieval-stage-lengths", type=positive_int, nargs=2, default=[1536, 3584],
+                        metavar=("MIN", "MAX"), help="token lengths of the retrieval stage's haystacks")  # fmt: skip
+    parser.add_argument("--retrieval-stage-rows-per-step", type=positive_int, default=8)
+    parser.add_argument("--retrieval-stage-learning-rate", type=positive_float, default=3e-4)
     parser.add_argument("--max-steps", type=positive_int, default=200)
     parser.add_argument("--seq-len", type=positive_int, default=2048)
     parser.add_argument("--batch-size", type=positive_int, default=1)
@@ -482,7 +661,8 @@ def run(args: argparse.Namespace) -> int:
         defaults = argparse.ArgumentParser()
         add_arguments(defaults)
         smoke = dict(max_steps=3, seq_len=128, eval_tokens=256, eval_window=64, retrieval_lengths=[96], sliding_window=16,
-                     eval_steps=2, save_steps=2, logging_steps=1, calibration_tokens=1024)  # fmt: skip
+                     eval_steps=2, save_steps=2, logging_steps=1, calibration_tokens=1024,
+                     retrieval_stage_prompts=2, retrieval_stage_lengths=[300, 400])  # fmt: skip
         for key, value in smoke.items():
             if getattr(args, key) == defaults.get_default(key):
                 setattr(args, key, value)
@@ -493,6 +673,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--retrieval-fraction must be below 1 (text stays in the mix), got {args.retrieval_fraction}"
         )
+    low, high = args.retrieval_stage_lengths
+    if args.retrieval_stage_steps and (low > high or high <= args.sliding_window):
+        raise ValueError(f"--retrieval-stage-lengths must be MIN <= MAX with MAX above --sliding-window "
+                         f"{args.sliding_window} (needles beyond the window), got {low} {high}")  # fmt: skip
     results = distill(args)
     worst = max(results["ratio_to_original"].values())
     print(f"distilled / original perplexity: {math.ceil(worst * 100) / 100:.2f}x at most")

@@ -176,6 +176,39 @@ def training_arguments(args: argparse.Namespace, **overrides: Any):
     return TrainingArguments(**kwargs)
 
 
+def fit(
+    model: torch.nn.Module,
+    step_loss: Callable[[int], float],
+    steps: int,
+    learning_rate: float,
+    warmup_steps: int = 20,
+    progress: str | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """A small training loop for examples, quick studies and the distillation's retrieval stage (the `Trainer` is
+    for real runs): AdamW (no weight decay) over the parameters that require gradients, linear warmup then a constant
+    rate, gradients clipped at 1.0. `step_loss(step)` computes the step's loss and calls `backward()` itself (once,
+    or once per micro-batch), returning its value; `on_step(step, loss)` runs after each update (logging,
+    evaluation); `progress` names a tqdm bar (None: no bar). Returns the loss of every step."""
+    from tqdm.auto import tqdm
+
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(warmup_steps, 1)))
+    model.train()
+    losses = []
+    for step in tqdm(range(steps), desc=progress, disable=progress is None):
+        loss = step_loss(step)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        losses.append(loss)
+        if on_step is not None:
+            on_step(step, loss)
+    return losses
+
+
 def fit_batches(
     model: torch.nn.Module,
     next_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
@@ -184,25 +217,15 @@ def fit_batches(
     warmup_steps: int = 20,
     progress: str | None = None,
 ) -> list[float]:
-    """A small fine-tuning loop for examples and quick studies (the `Trainer` is for real runs): AdamW (no weight
-    decay), linear warmup then a constant rate, gradients clipped at 1.0. `next_batch(step)` returns `(input_ids,
-    labels)`; `progress` names a tqdm bar (None: no bar). Returns the loss of every step."""
-    from tqdm.auto import tqdm
+    """`fit` on the causal LM loss of one batch a step: `next_batch(step)` returns `(input_ids, labels)`."""
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(warmup_steps, 1)))
-    model.train()
-    losses = []
-    for step in tqdm(range(steps), desc=progress, disable=progress is None):
+    def step_loss(step: int) -> float:
         input_ids, labels = next_batch(step)
         loss = model(input_ids, labels=labels).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+        return loss.item()
+
+    return fit(model, step_loss, steps, learning_rate, warmup_steps, progress)
 
 
 def param_checksum(model: torch.nn.Module) -> float:

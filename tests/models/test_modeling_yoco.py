@@ -220,6 +220,39 @@ def test_logits_to_keep_runs_cross_decoder_on_kept_positions(self_decoder_type):
     torch.testing.assert_close(index_logits, full[:, [2, 5]], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_cross_decoder_forward_from_self_decoder_states_equals_the_full_forward(self_decoder_type, implementation):
+    """The cross-decoder alone, on the self-decoder's output captured once, gives the full forward's logits at any
+    chosen positions (in any order, repeated), and its gradients reach the global K/V and the cross layers only."""
+    sinks = {"attention_sink_tokens": 2} if self_decoder_type == "sliding_window" else {}
+    model = tiny_model(self_decoder_type, num_hidden_layers=5, num_self_decoder_layers=3, **sinks)
+    model.config._attn_implementation = implementation
+    input_ids = torch.randint(1, 64, (2, 19))
+    full = model(input_ids).logits
+    states = []
+    hook = model.model.global_kv.register_forward_pre_hook(lambda module, args: states.append(args[0]))
+    try:
+        model(input_ids)
+    finally:
+        hook.remove()
+    positions = torch.tensor([[0, 7, 18, 7], [18, 3, 11, 12]])
+    logits = model.lm_head(model.model.cross_decoder_forward(states[0].detach(), positions))
+    torch.testing.assert_close(logits, full.gather(1, positions[..., None].expand(-1, -1, 64)), atol=ATOL, rtol=0)
+
+    logits.sum().backward()
+    reached = {name.split(".")[1] + ("" if "layers" not in name else f".{name.split('.')[2]}")
+               for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}  # fmt: skip
+    assert "global_kv" in reached and {"layers.3", "layers.4"} <= reached
+    assert not reached & {"layers.0", "layers.1", "layers.2"}
+    with pytest.raises(ValueError, match=r"query_positions must lie in \[0, 19\)"):
+        model.model.cross_decoder_forward(states[0], torch.tensor([[19], [0]]))
+    with pytest.raises(ValueError, match=r"query_positions must be \[batch=2, Q\]"):
+        model.model.cross_decoder_forward(states[0], torch.tensor([3]))
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="attn_implementation 'eager' or 'sdpa'"):
+        model.model.cross_decoder_forward(states[0], positions)
+
+
 def _left_pad(rows, pad_id=0):
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
