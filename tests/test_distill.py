@@ -42,6 +42,22 @@ def test_smoke_run_saves_a_loadable_yoco_model_with_its_card_and_numbers(smoke_r
     assert not list((smoke_run / "results").glob("*.safetensors"))  # results never hold weights
 
 
+def test_checkpoints_hold_every_trained_parameter(smoke_run):
+    """An adapter checkpoint holds only what PEFT saves: the global K/V and the cross layers' q/o and norms, trained
+    beside the LoRA adapters, must be in it too, or `--resume` would restart them from the conversion."""
+    from safetensors import safe_open
+
+    (checkpoint,) = (smoke_run / "run" / "checkpoints").glob("checkpoint-*")
+    with safe_open(checkpoint / "adapter_model.safetensors", "pt") as saved:
+        names = {
+            name.replace(".modules_to_save.default", "").removeprefix("base_model.model.") for name in saved.keys()
+        }
+    assert {"model.global_kv.k_proj.weight", "model.global_kv.v_proj.weight", "model.global_kv.norm.weight",
+            "model.layers.3.cross_attn.q_proj.weight", "model.layers.3.cross_attn.o_proj.weight",
+            "model.layers.3.input_layernorm.weight"} <= names  # fmt: skip
+    assert any("lora_A" in name for name in names)
+
+
 def test_an_existing_run_needs_resume(smoke_run, capsys):
     assert main(["distill", "--smoke", "--no-progress", "--output-dir", str(smoke_run / "run")]) == 2
     assert "--resume" in capsys.readouterr().err

@@ -102,6 +102,8 @@ def trainable_names(model, lora: bool = False) -> list[str]:
     names = []
     for name, _ in model.named_parameters():
         plain = name.replace("base_model.model.", "")
+        if ".original_module." in plain:  # PEFT's frozen copy of a module it trains (`modules_to_save`)
+            continue
         if plain.startswith("model.global_kv.") or (
             plain.startswith(cross) and (".cross_attn." in plain or ".input_layernorm." in plain)
         ):
@@ -437,8 +439,13 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
         split = student.config.num_self_decoder_layers
         targets = [f"model.layers.{i}.mlp.{p}" for i in range(split, student.config.num_hidden_layers)
                    for p in ("gate_proj", "up_proj", "down_proj")]  # fmt: skip
+        # What distillation trains beside the adapters goes in `modules_to_save`, so checkpoints hold it and
+        # `--resume` continues it (an adapter checkpoint holds nothing else).
+        trained = ["model.global_kv"] + [f"model.layers.{i}.{m}" for i in range(split, student.config.num_hidden_layers)
+                                         for m in ("cross_attn", "input_layernorm")]  # fmt: skip
         student = get_peft_model(student, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
-                                                     target_modules=targets, lora_dropout=0.0))  # fmt: skip
+                                                     target_modules=targets, modules_to_save=trained,
+                                                     lora_dropout=0.0))  # fmt: skip
     trainable = set(trainable_names(student, lora=bool(args.lora_rank)))
     for name, parameter in student.named_parameters():
         parameter.requires_grad_(name in trainable)
