@@ -313,10 +313,26 @@ def answer_accuracy(model, rows: list[NeedleRow]) -> float:
     return correct / max(len(rows), 1)
 
 
+def kept_keys(row: NeedleRow, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """Indices of the keys a row's answer sees while the stage's key curriculum holds `fraction` of them: the
+    question and answer, the asked needle, and that share of the rest at random (sorted; all of them at 1)."""
+    length = len(row.input_ids)
+    if fraction >= 1:
+        return torch.arange(length)
+    keep = torch.rand(length, generator=generator) < fraction
+    needle = len(row.prompt_states) - row.distance
+    keep[needle : needle + NEEDLE_SPAN] = True
+    keep[len(row.prompt_states) :] = True
+    return keep.nonzero()[:, 0]
+
+
+NEEDLE_SPAN = 24  # tokens kept from the asked needle's start: the needle itself (about 15) and a few after it
+
+
 def retrieval_stage(
     student, rows: list[NeedleRow], eval_rows: list[NeedleRow], steps: int, rows_per_step: int,
-    learning_rate: float, text_positions: int = 64, kl_weight: float = 1.0, eval_every: int = 25, seed: int = 0,
-    progress: bool = False,
+    learning_rate: float, text_positions: int = 32, kl_weight: float = 1.0, eval_every: int = 25,
+    key_fraction: float = 1.0, key_curriculum: float = 0.0, seed: int = 0, progress: bool = False,
 ) -> list[dict[str, float]]:  # fmt: skip
     """Teach the cross-decoder to read needles through the global K/V, on the frozen self-decoder's cached output.
 
@@ -325,9 +341,14 @@ def retrieval_stage(
     its output, so each prompt's self-decoder output is computed once (`needle_rows`) and every step then runs only
     the global K/V and the cross-decoder (`YocoModel.cross_decoder_forward`), at the answer's positions and at
     `text_positions` random text positions. Loss per prompt: cross-entropy on the answer, plus `kl_weight` times the
-    KL from the model as it was before the stage at the text positions (what holds its perplexity). Trains what the
-    distillation trains (parameters with `requires_grad`). Returns the curve (loss, answer loss, KL, and held-out
-    answer accuracy every `eval_every` steps)."""
+    KL from the model as it was before the stage at the text positions (what holds its perplexity).
+
+    Key curriculum: a needle among thousands of keys draws almost no attention, hence almost no gradient, at first.
+    With `key_fraction` < 1 the answer sees only that share of the haystack's keys (`kept_keys`; the needle, the
+    question and the answer always, every key at its true position), growing linearly to all of them over the first
+    `key_curriculum` share of the steps; the text positions always see every key. Trains what the distillation
+    trains (parameters with `requires_grad`). Returns the curve (loss, answer loss, KL, kept key share, and held-out
+    answer accuracy with every key every `eval_every` steps)."""
     import copy
     import random
 
@@ -335,31 +356,50 @@ def retrieval_stage(
 
     reference = copy.deepcopy(student).eval().requires_grad_(False)  # the model before the stage
     rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
     curve: list[dict[str, float]] = []
 
+    def fraction_at(step: int) -> float:
+        ramp = key_curriculum * steps
+        return 1.0 if step >= ramp else key_fraction + (1 - key_fraction) * step / ramp
+
+    def logits_at(model, states: torch.Tensor, indices: torch.Tensor, keys: torch.Tensor | None = None):
+        """`model`'s logits `[Q, V]` at `indices` of `states` `[T, d]`, seeing the keys `keys` (default: all)."""
+        if keys is None:
+            return model.lm_head(model.model.cross_decoder_forward(states[None], indices[None]))[0]
+        index = torch.searchsorted(keys, indices)  # the queries' indices among the kept keys
+        return model.lm_head(model.model.cross_decoder_forward(states[keys][None], index[None], keys[None]))[0]
+
     def step_loss(step: int) -> float:
         nonlocal order
+        fraction = fraction_at(step)
         totals = {"answer_loss": 0.0, "kl": 0.0}
         for _ in range(rows_per_step):
             if not order:
                 order = rng.sample(range(len(rows)), len(rows))
             row = rows[order.pop()]
+            states = row.states  # [T, d]
             answer = torch.arange(row.answer_start - 1, len(row.input_ids) - 1)  # positions predicting the answer
-            text = torch.tensor(rng.sample(range(row.answer_start - 1), min(text_positions, row.answer_start - 1)))
-            positions = torch.cat([answer, text])[None]  # [1, A + P]
-            states = row.states[None]  # [1, T, d]
-            logits = student.lm_head(student.model.cross_decoder_forward(states, positions))[0]
-            answer_loss = F.cross_entropy(logits[: len(answer)].float(), row.input_ids[row.answer_start :])
+            text = torch.tensor(sorted(rng.sample(range(row.answer_start - 1),
+                                                  min(text_positions, row.answer_start - 1))))  # fmt: skip
+            if fraction < 1:
+                answer_logits = logits_at(student, states, answer, kept_keys(row, fraction, generator))
+                text_logits = logits_at(student, states, text)
+            else:  # one forward for both
+                logits = logits_at(student, states, torch.cat([answer, text]))
+                answer_logits, text_logits = logits[: len(answer)], logits[len(answer) :]
+            answer_loss = F.cross_entropy(answer_logits.float(), row.input_ids[row.answer_start :])
             with torch.no_grad():
-                target = reference.lm_head(reference.model.cross_decoder_forward(states, text[None]))[0]
-            kl = F.kl_div(F.log_softmax(logits[len(answer) :].float(), -1), F.log_softmax(target.float(), -1),
-                          log_target=True, reduction="batchmean")  # fmt: skip
+                target = logits_at(reference, states, text)
+            kl = F.kl_div(F.log_softmax(text_logits.float(), -1), F.log_softmax(target.float(), -1), log_target=True,
+                          reduction="batchmean")  # fmt: skip
             ((answer_loss + kl_weight * kl) / rows_per_step).backward()
             totals["answer_loss"] += answer_loss.item() / rows_per_step
             totals["kl"] += kl.item() / rows_per_step
-        curve.append({"step": step + 1, **totals, "loss": totals["answer_loss"] + kl_weight * totals["kl"]})
-        return curve[-1]["loss"]
+        loss = totals["answer_loss"] + kl_weight * totals["kl"]
+        curve.append({"step": step + 1, **totals, "loss": loss, "key_fraction": fraction})
+        return loss
 
     def on_step(step: int, _loss: float) -> None:
         if eval_rows and ((step + 1) % eval_every == 0 or step + 1 == steps):

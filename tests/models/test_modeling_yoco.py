@@ -244,10 +244,18 @@ def test_cross_decoder_forward_from_self_decoder_states_equals_the_full_forward(
                for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}  # fmt: skip
     assert "global_kv" in reached and {"layers.3", "layers.4"} <= reached
     assert not reached & {"layers.0", "layers.1", "layers.2"}
-    with pytest.raises(ValueError, match=r"query_positions must lie in \[0, 19\)"):
+    with pytest.raises(ValueError, match=r"query_indices must lie in \[0, 19\)"):
         model.model.cross_decoder_forward(states[0], torch.tensor([[19], [0]]))
-    with pytest.raises(ValueError, match=r"query_positions must be \[batch=2, Q\]"):
+    with pytest.raises(ValueError, match=r"query_indices must be \[batch=2, Q\]"):
         model.model.cross_decoder_forward(states[0], torch.tensor([3]))
+    # a subset of the positions: the cross-decoder sees only those keys, at their own positions (RoPE included)
+    keep = torch.cat([torch.arange(13), torch.tensor([15, 18])]).expand(2, -1)  # [2, 15]: 13, 14, 16, 17 left out
+    subset = states[0].detach()[:, keep[0]]
+    got = model.lm_head(model.model.cross_decoder_forward(subset, torch.tensor([[12, 14]] * 2), positions=keep))
+    torch.testing.assert_close(got[:, 0], full[:, 12], atol=ATOL, rtol=0)  # every key up to 12 is there
+    assert not torch.allclose(got[:, 1], full[:, 18], atol=1e-3)  # position 18 misses four keys
+    with pytest.raises(ValueError, match=r"positions must be \[batch=2, T=15\]"):
+        model.model.cross_decoder_forward(subset, torch.tensor([[0], [0]]), positions=keep[:, :3])
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="attn_implementation 'eager' or 'sdpa'"):
         model.model.cross_decoder_forward(states[0], positions)

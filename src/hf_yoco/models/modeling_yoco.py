@@ -1446,15 +1446,20 @@ class YocoModel(YocoPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **cache_kwarg(returned_cache))
 
     def cross_decoder_forward(
-        self, self_decoder_states: torch.Tensor, query_positions: torch.LongTensor
+        self,
+        self_decoder_states: torch.Tensor,
+        query_indices: torch.LongTensor,
+        positions: torch.LongTensor | None = None,
     ) -> torch.Tensor:
-        """The cross-decoder alone, from the self-decoder's output of whole unpadded sequences.
+        """The cross-decoder alone, from the self-decoder's output of unpadded sequences.
 
         The cross-decoder reads nothing but the self-decoder's output, so that output can be computed once (a frozen
         self-decoder) and the cross-decoder trained on it at a few chosen positions (say, the answer of a long
         retrieval prompt) for a fraction of a full forward. `self_decoder_states` `[B, T, d]` are what the last
-        self-decoder layer returns for positions `0 .. T-1` (no padding, no cache); `query_positions` `[B, Q]` the
-        positions to decode. Returns the final-normed hidden states `[B, Q, d]`, equal to the full forward's there.
+        self-decoder layer returns at the absolute `positions` `[B, T]` (increasing; default `0 .. T-1`, a whole
+        sequence, no padding, no cache); a subset of a sequence's positions shows the cross-decoder only those keys.
+        `query_indices` `[B, Q]` pick the states to decode. Returns the final-normed hidden states `[B, Q, d]`,
+        equal to the full forward's there when the states cover the whole sequence.
         """
         if self.config._attn_implementation not in ("eager", "sdpa"):
             raise ValueError(
@@ -1462,15 +1467,19 @@ class YocoModel(YocoPreTrainedModel):
                 f"{self.config._attn_implementation!r}"
             )
         batch, length, _ = self_decoder_states.shape
-        if query_positions.ndim != 2 or query_positions.shape[0] != batch:
-            raise ValueError(f"query_positions must be [batch={batch}, Q], got {tuple(query_positions.shape)}")
-        if query_positions.numel() and not 0 <= int(query_positions.min()) <= int(query_positions.max()) < length:
-            raise ValueError(f"query_positions must lie in [0, {length}) (the states' positions)")
-        positions = torch.arange(length, device=self_decoder_states.device).expand(batch, -1)  # [B, T]
+        if query_indices.ndim != 2 or query_indices.shape[0] != batch:
+            raise ValueError(f"query_indices must be [batch={batch}, Q], got {tuple(query_indices.shape)}")
+        if query_indices.numel() and not 0 <= int(query_indices.min()) <= int(query_indices.max()) < length:
+            raise ValueError(f"query_indices must lie in [0, {length}) (the states' indices)")
+        if positions is None:
+            positions = torch.arange(length, device=self_decoder_states.device).expand(batch, -1)  # [B, T]
+        elif positions.shape != (batch, length):
+            raise ValueError(f"positions must be [batch={batch}, T={length}], got {tuple(positions.shape)}")
         global_key_values = self.global_kv(self_decoder_states, self.rotary_emb(self_decoder_states, positions))
         hidden_states = self_decoder_states.gather(
-            1, query_positions.unsqueeze(-1).expand(-1, -1, self_decoder_states.shape[-1])
+            1, query_indices.unsqueeze(-1).expand(-1, -1, self_decoder_states.shape[-1])
         )  # [B, Q, d]
+        query_positions = positions.gather(1, query_indices)  # [B, Q]
         hidden = positions[:, None, :] > query_positions[:, :, None]  # [B, Q, T]: keys after each query
         mask = torch.zeros(hidden.shape, dtype=hidden_states.dtype, device=hidden_states.device)
         mask = mask.masked_fill(hidden, torch.finfo(hidden_states.dtype).min)[:, None]  # [B, 1, Q, T]
