@@ -109,10 +109,13 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs=2, default=[1536, 3584])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--rows-per-step", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--text-positions", type=int, default=32)
     parser.add_argument("--kl-weight", type=float, default=1.0)
     parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--key-fraction", type=float, default=0.1, help="share of haystack keys the answer first sees")
+    parser.add_argument("--key-curriculum", type=float, default=0.5, help="share of the steps it grows to 1 over")
+    parser.add_argument("--beyond-only", action="store_true", help="train on rows with the needle beyond the window")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--retrieval-lengths", type=int, nargs="*", default=[900, 1600, 3072, 4096])
     parser.add_argument("--retrieval-trials", type=int, default=4)
@@ -135,6 +138,8 @@ def main() -> None:
         student, tokenizer, train_haystack, 10, tuple(args.lengths), seed=100 + part, progress=True))
         for part in range(args.prompts // 10)]  # fmt: skip
     rows = [row for part in parts for row in part]
+    if args.beyond_only:
+        rows = [row for row in rows if row.distance > student.config.sliding_window]
     states_seconds = time.perf_counter() - started
     shortest = min(eval_rows, key=lambda row: len(row.input_ids))  # the cache must be this model's self-decoder
     torch.testing.assert_close(self_decoder_states(student, shortest.input_ids[None])[0], shortest.states,
@@ -147,7 +152,8 @@ def main() -> None:
     print(f"{len(rows)} training rows, {len(eval_rows)} held out; answers right before: {before}", flush=True)
     start = time.perf_counter()
     curve = retrieval_stage(student, rows, eval_rows, args.steps, args.rows_per_step, args.learning_rate,
-                            args.text_positions, args.kl_weight, args.eval_every, progress=True)  # fmt: skip
+                            args.text_positions, args.kl_weight, args.eval_every, args.key_fraction,
+                            args.key_curriculum, progress=True)  # fmt: skip
     train_seconds = time.perf_counter() - start
     after = split_accuracy(student, eval_rows)
     print(f"answers right after: {after}", flush=True)

@@ -577,7 +577,8 @@ def run_retrieval_stage(student, tokenizer, args: argparse.Namespace, train_file
     for name, parameter in student.named_parameters():
         parameter.requires_grad_(name in trainable)
     curve = retrieval_stage(student, rows, eval_rows, args.retrieval_stage_steps, args.retrieval_stage_rows_per_step,
-                            args.retrieval_stage_learning_rate, progress=progress)  # fmt: skip
+                            args.retrieval_stage_learning_rate, key_fraction=args.retrieval_stage_key_fraction,
+                            key_curriculum=0.5, progress=progress)  # fmt: skip
     student.requires_grad_(False)
     return {"rows": len(rows), "held_out_rows": len(eval_rows), "steps": args.retrieval_stage_steps,
             "row_tokens": sum(len(row.input_ids) for row in rows), "curve": curve,
@@ -674,7 +675,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retrieval-stage-lengths", type=positive_int, nargs=2, default=[1536, 3584],
                         metavar=("MIN", "MAX"), help="token lengths of the retrieval stage's haystacks")  # fmt: skip
     parser.add_argument("--retrieval-stage-rows-per-step", type=positive_int, default=8)
-    parser.add_argument("--retrieval-stage-learning-rate", type=positive_float, default=3e-4)
+    parser.add_argument("--retrieval-stage-learning-rate", type=positive_float, default=1e-3)
+    parser.add_argument(
+        "--retrieval-stage-key-fraction", type=fraction, default=0.1,
+        help="share of the haystack's keys the answers see at first, growing to all over half the stage's steps",
+    )  # fmt: skip
     parser.add_argument("--max-steps", type=positive_int, default=200)
     parser.add_argument("--seq-len", type=positive_int, default=2048)
     parser.add_argument("--batch-size", type=positive_int, default=1)
