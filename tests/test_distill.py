@@ -227,3 +227,26 @@ def test_retrieval_stage_lengths_must_reach_beyond_the_window(tmp_path, capsys):
     assert main(["distill", "--smoke", "--no-progress", "--retrieval-stage-steps", "2", "--retrieval-stage-lengths",
                  "300", "16", "--output-dir", str(tmp_path)]) == 2  # fmt: skip
     assert "--retrieval-stage-lengths must be MIN <= MAX with MAX above --sliding-window 16" in capsys.readouterr().err
+
+
+def test_key_curriculum_keeps_the_needle_and_the_question_and_grows_to_every_key(needle_setup):
+    import copy
+
+    from hf_yoco.distill import NEEDLE_SPAN, kept_keys, retrieval_stage
+
+    student, _, rows = needle_setup
+    row = max(rows, key=lambda r: r.distance)
+    generator = torch.Generator().manual_seed(0)
+    keys = kept_keys(row, 0.1, generator)
+    needle, question = len(row.prompt_states) - row.distance, len(row.prompt_states)
+    assert torch.equal(keys, keys.sort().values) and len(keys) < 0.4 * len(row.input_ids)
+    assert set(range(needle, needle + NEEDLE_SPAN)) | set(range(question, len(row.input_ids))) <= set(keys.tolist())
+    assert torch.equal(kept_keys(row, 1.0, generator), torch.arange(len(row.input_ids)))
+
+    student = copy.deepcopy(student)
+    for name, parameter in student.named_parameters():
+        parameter.requires_grad_(name in set(trainable_names(student)))
+    curve = retrieval_stage(student, rows, [], steps=6, rows_per_step=1, learning_rate=1e-3, text_positions=4,
+                            key_fraction=0.1, key_curriculum=0.5)  # fmt: skip
+    assert [round(e["key_fraction"], 2) for e in curve] == [0.1, 0.4, 0.7, 1.0, 1.0, 1.0]
+    assert curve[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # text positions always see every key

@@ -320,6 +320,9 @@ def answer_accuracy(model, rows: list[NeedleRow]) -> float:
     return correct / max(len(rows), 1)
 
 
+NEEDLE_SPAN = 24  # tokens kept from the asked needle's start: the needle itself (about 15) and a few after it
+
+
 def kept_keys(row: NeedleRow, fraction: float, generator: torch.Generator) -> torch.Tensor:
     """Indices of the keys a row's answer sees while the stage's key curriculum holds `fraction` of them: the
     question and answer, the asked needle, and that share of the rest at random (sorted; all of them at 1)."""
@@ -331,9 +334,6 @@ def kept_keys(row: NeedleRow, fraction: float, generator: torch.Generator) -> to
     keep[needle : needle + NEEDLE_SPAN] = True
     keep[len(row.prompt_states) :] = True
     return keep.nonzero()[:, 0]
-
-
-NEEDLE_SPAN = 24  # tokens kept from the asked needle's start: the needle itself (about 15) and a few after it
 
 
 def retrieval_stage(
