@@ -36,7 +36,7 @@ from hf_yoco.distill import (
     retrieval,
     retrieval_stage,
     self_decoder_states,
-    trainable_names,
+    train_only_what_distillation_trains,
 )
 
 
@@ -145,9 +145,7 @@ def main() -> None:
     torch.testing.assert_close(self_decoder_states(student, shortest.input_ids[None])[0], shortest.states,
                                atol=1e-4, rtol=1e-4)  # fmt: skip
 
-    trainable = set(trainable_names(student))
-    for name, parameter in student.named_parameters():
-        parameter.requires_grad_(name in trainable)
+    train_only_what_distillation_trains(student)
     before = split_accuracy(student, eval_rows)
     print(f"{len(rows)} training rows, {len(eval_rows)} held out; answers right before: {before}", flush=True)
     start = time.perf_counter()

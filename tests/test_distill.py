@@ -11,7 +11,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from hf_yoco.cli import main
 from hf_yoco.convert import yocofy_llama
-from hf_yoco.distill import distillation_loss, kv_cache_bytes, retrieval_rows, trainable_names
+from hf_yoco.distill import (
+    distillation_loss,
+    kv_cache_bytes,
+    retrieval_rows,
+    train_only_what_distillation_trains,
+    trainable_names,
+)
 
 
 @pytest.fixture(scope="module")
@@ -207,9 +213,7 @@ def test_retrieval_stage_learns_the_answers_and_trains_only_what_distillation_tr
 
     student, _, rows = needle_setup
     student = copy.deepcopy(student)
-    trainable = set(trainable_names(student))
-    for name, parameter in student.named_parameters():
-        parameter.requires_grad_(name in trainable)
+    trainable = train_only_what_distillation_trains(student)
     frozen = {name: p.detach().clone() for name, p in student.named_parameters() if name not in trainable}
     torch.manual_seed(0)
     curve = retrieval_stage(student, rows, rows[:2], steps=40, rows_per_step=3, learning_rate=2e-2,
@@ -244,8 +248,7 @@ def test_key_curriculum_keeps_the_needle_and_the_question_and_grows_to_every_key
     assert torch.equal(kept_keys(row, 1.0, generator), torch.arange(len(row.input_ids)))
 
     student = copy.deepcopy(student)
-    for name, parameter in student.named_parameters():
-        parameter.requires_grad_(name in set(trainable_names(student)))
+    train_only_what_distillation_trains(student)
     curve = retrieval_stage(student, rows, [], steps=6, rows_per_step=1, learning_rate=1e-3, text_positions=4,
                             key_fraction=0.1, key_curriculum=0.5)  # fmt: skip
     assert [round(e["key_fraction"], 2) for e in curve] == [0.1, 0.4, 0.7, 1.0, 1.0, 1.0]

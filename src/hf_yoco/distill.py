@@ -120,6 +120,14 @@ def trainable_names(model, lora: bool = False) -> list[str]:
     return names
 
 
+def train_only_what_distillation_trains(model, lora: bool = False) -> set[str]:
+    """Freeze every parameter but `trainable_names(model, lora)`; returns those names."""
+    trainable = set(trainable_names(model, lora=lora))
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name in trainable)
+    return trainable
+
+
 def kv_cache_bytes(config, tokens: int, yoco: bool) -> int:
     """Bytes of K/V a batch-1 cache holds after `tokens` tokens (fp32 here; halve for bf16)."""
     if yoco:
@@ -493,9 +501,7 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
         student = get_peft_model(student, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
                                                      target_modules=targets, modules_to_save=trained,
                                                      lora_dropout=0.0))  # fmt: skip
-    trainable = set(trainable_names(student, lora=bool(args.lora_rank)))
-    for name, parameter in student.named_parameters():
-        parameter.requires_grad_(name in trainable)
+    train_only_what_distillation_trains(student, lora=bool(args.lora_rank))
     results["trainable_parameters"] = sum(p.numel() for p in student.parameters() if p.requires_grad)
 
     held_out = dataset["test"].select(range(min(len(dataset["test"]), args.eval_blocks)))
@@ -580,9 +586,7 @@ def run_retrieval_stage(student, tokenizer, args: argparse.Namespace, train_file
     rows = needle_rows(student, tokenizer, haystacks[0], args.retrieval_stage_prompts, lengths, progress=progress)
     eval_rows = needle_rows(student, tokenizer, haystacks[1], max(args.retrieval_stage_prompts // 20, 1), lengths,
                             seed=1, progress=progress)  # fmt: skip
-    trainable = set(trainable_names(student))
-    for name, parameter in student.named_parameters():
-        parameter.requires_grad_(name in trainable)
+    train_only_what_distillation_trains(student)
     curve = retrieval_stage(student, rows, eval_rows, args.retrieval_stage_steps, args.retrieval_stage_rows_per_step,
                             args.retrieval_stage_learning_rate, key_fraction=args.retrieval_stage_key_fraction,
                             key_curriculum=0.5, progress=progress)  # fmt: skip
