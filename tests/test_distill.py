@@ -24,7 +24,7 @@ from hf_yoco.distill import (
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("distill")
     assert main(["distill", "--smoke", "--no-progress", "--output-dir", str(out / "run"), "--retrieval-stage-steps",
-                 "2", "--results-dir", str(out / "results")]) == 0  # fmt: skip
+                 "2", "--retrieval-stage-attention-weight", "1", "--results-dir", str(out / "results")]) == 0  # fmt: skip
     return out
 
 
@@ -43,6 +43,7 @@ def test_smoke_run_saves_a_loadable_yoco_model_with_its_card_and_numbers(smoke_r
     stage = results["retrieval_stage"]  # 2 haystacks x 4 needles, held-out rows scored before and after
     assert stage["rows"] == 8 and stage["steps"] == 2 and [e["step"] for e in stage["curve"]] == [0, 1, 2]
     assert "eval_answer_accuracy" in stage["curve"][-1] and "retrieval stage: 2 steps on 8" in card
+    assert stage["curve"][1]["attention_loss"] > 0 and "the original's attention" in card
     assert "perplexity (the-tempest), distilled" in card and "hf-yoco distill" in card
     assert {p.name for p in (smoke_run / "results").iterdir()} == {"distill.json", "MODEL_CARD.md", "curve.png"}
     assert not list((smoke_run / "results").glob("*.safetensors"))  # results never hold weights

@@ -78,6 +78,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """A number >= 0."""
+    value = _number(text, float, "a number")
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def fraction(text: str) -> float:
     """A number in [0, 1]."""
     value = _number(text, float, "a number")

@@ -55,7 +55,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .cli import fraction, non_negative_int, positive_float, positive_int
+from .cli import fraction, non_negative_float, non_negative_int, positive_float, positive_int
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HELD_OUT_PLAY = "the-tempest"
@@ -635,8 +635,12 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.lora_rank:
         student = student.merge_and_unload()
+        for module in student.modules():  # PEFT's modules_to_save are deep copies, each with a copy of the config
+            if isinstance(getattr(module, "config", None), type(student.config)):
+                module.config = student.config
     if args.retrieval_stage_steps:
-        results["retrieval_stage"] = run_retrieval_stage(student, tokenizer, args, train_files[-1], eval_files)
+        results["retrieval_stage"] = run_retrieval_stage(student, teacher, tokenizer, args, train_files[-1],
+                                                         eval_files)  # fmt: skip
     student.eval()
     results["distilled_ppl"] = evaluate(student, eval_texts, args.eval_window, progress)
     results["ratio_to_original"] = {name: results["distilled_ppl"][name] / results["teacher_ppl"][name]
@@ -677,21 +681,25 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def run_retrieval_stage(student, tokenizer, args: argparse.Namespace, train_file: Path, eval_files: dict) -> dict:
-    """`retrieval_stage` after distillation: needle rows from the training text, held-out rows from the held-out
-    text (its answer accuracy is the stage's curve)."""
+def run_retrieval_stage(
+    student, teacher, tokenizer, args: argparse.Namespace, train_file: Path, eval_files: dict
+) -> dict:  # fmt: skip
+    """`retrieval_stage` after distillation: needle rows from the training text (with the original's attention when
+    it is distilled), held-out rows from the held-out text (its answer accuracy is the stage's curve)."""
     started = time.perf_counter()
     held_out = eval_files[HELD_OUT_NOVEL if HELD_OUT_NOVEL in eval_files else HELD_OUT_PLAY]
     haystacks = [tokenizer(path.read_text(), add_special_tokens=False).input_ids for path in (train_file, held_out)]
     lengths = tuple(args.retrieval_stage_lengths)
     progress = not args.no_progress
-    rows = needle_rows(student, tokenizer, haystacks[0], args.retrieval_stage_prompts, lengths, progress=progress)
+    attention = args.retrieval_stage_attention_weight
+    rows = needle_rows(student, tokenizer, haystacks[0], args.retrieval_stage_prompts, lengths, progress=progress,
+                       teacher=teacher if attention else None)  # fmt: skip
     eval_rows = needle_rows(student, tokenizer, haystacks[1], max(args.retrieval_stage_prompts // 20, 1), lengths,
                             seed=1, progress=progress)  # fmt: skip
     train_only_what_distillation_trains(student)
     curve = retrieval_stage(student, rows, eval_rows, args.retrieval_stage_steps, args.retrieval_stage_rows_per_step,
                             args.retrieval_stage_learning_rate, key_fraction=args.retrieval_stage_key_fraction,
-                            key_curriculum=0.5, progress=progress)  # fmt: skip
+                            key_curriculum=0.5, attention_weight=attention, progress=progress)  # fmt: skip
     student.requires_grad_(False)
     return {"rows": len(rows), "held_out_rows": len(eval_rows), "steps": args.retrieval_stage_steps,
             "row_tokens": sum(len(row.input_ids) for row in rows), "curve": curve,
@@ -715,7 +723,9 @@ def model_card(student, results: dict[str, Any], args: argparse.Namespace):
            if args.calibration_tokens else "")
         + (f"Then a retrieval stage: {results['retrieval_stage']['steps']} steps on {results['retrieval_stage']['rows']} "
            "needle rows, the cross-decoder trained on the cached self-decoder output (answer cross-entropy plus KL "
-           "to the distilled model on text). " if "retrieval_stage" in results else "")
+           "to the distilled model on text" + (f", plus {args.retrieval_stage_attention_weight} x the KL of the cross "
+           "layers' attention at the answer to the original's attention"
+           if args.retrieval_stage_attention_weight else "") + "). " if "retrieval_stage" in results else "")
         + f"{config.num_self_decoder_layers} of {config.num_hidden_layers} layers kept as the self-decoder, sliding "
         f"window {config.sliding_window} with {config.attention_sink_tokens} attention sinks. Needle retrieval "
         f"(depth 0.1, {retrieval['trials']} trials): original {retrieval['original']}, YOCO {retrieval['distilled']}. "
@@ -792,6 +802,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--retrieval-stage-key-fraction", type=fraction, default=0.1,
         help="share of the haystack's keys the answers see at first, growing to all over half the stage's steps",
+    )  # fmt: skip
+    parser.add_argument(
+        "--retrieval-stage-attention-weight", type=non_negative_float, default=0.0,
+        help="weight of the attention distillation in the retrieval stage (the cross layers' attention at each "
+        "answer against the original's; 0: none)",
     )  # fmt: skip
     parser.add_argument("--max-steps", type=positive_int, default=200)
     parser.add_argument("--seq-len", type=positive_int, default=2048)
