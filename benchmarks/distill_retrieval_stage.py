@@ -8,7 +8,13 @@ haystack) and every training step then runs only the global K/V and the cross-de
 at 32 text positions whose KL to the model before the stage holds its perplexity.
 
     python benchmarks/distill_retrieval_stage.py --model outputs/smollm2-yoco/model \
-        --rows-dir outputs/needle_rows --output-dir benchmarks/results/distill_smollm2/retrieval_stage
+        --rows-dir outputs/needle_rows --output-dir outputs/retrieval_stage
+
+The committed `benchmarks/results/distill_smollm2/retrieval_stage/` (attention distillation on the calibrated model):
+
+    python benchmarks/distill_retrieval_stage.py --model calibrated --rows-dir outputs/att_rows --prompts 60 \
+        --steps 100 --eval-every 20 --learning-rate 3e-4 --attention-weight 1 --key-fraction 1 --key-curriculum 0 \
+        --output-dir benchmarks/results/distill_smollm2/retrieval_stage
 
 Writes `retrieval_stage.json` (settings, curve, answer accuracy within / beyond the window before and after,
 perplexity and needle retrieval after) and `retrieval_stage.png`; `--save DIR` keeps the model.
@@ -129,7 +135,7 @@ def plot(curve: list[dict], window: int, path: Path) -> None:
     other.plot(*zip(*held), color="tab:red", marker="o", label="held-out answer accuracy")
     other.set_ylabel("held-out answers right (Persuasion)")
     other.set_ylim(0, 1)
-    fig.legend(loc="upper center", fontsize=8)
+    fig.legend(loc="center right", fontsize=8)
     ax.set_title(f"retrieval stage, window {window}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

