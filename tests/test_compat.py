@@ -41,7 +41,7 @@ def test_declared_range_is_the_one_checked():
     assert transformers_requirement.specifier.contains(transformers.__version__)
 
 
-@pytest.mark.parametrize("version", ["5.22.2", "5.25.0", "6.0.0"])
+@pytest.mark.parametrize("version", ["5.22.2", "5.26.0", "6.0.0"])
 def test_unsupported_release_refused_with_a_clear_message(monkeypatch, version):
     monkeypatch.delenv(SKIP_CHECK_ENV, raising=False)
     with pytest.raises(

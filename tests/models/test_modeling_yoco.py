@@ -140,6 +140,7 @@ def test_uneven_split_cached_chunked_padded_and_static_equal_the_full_forward(se
     incremental, cache = _incremental_logits(model, input_ids, 4)
     torch.testing.assert_close(incremental, full, atol=ATOL, rtol=0)
     assert cache.global_kv_layer_idx == split and cache.global_key_values[0].shape[2] == 13
+    assert cache.get_seq_length() == 13
     model.config.self_decoder_chunk_size = 3
     torch.testing.assert_close(model(input_ids, use_cache=True).logits, full, atol=ATOL, rtol=0)
     rows = [input_ids[0, :9], input_ids[1]]
@@ -156,8 +157,9 @@ def test_plain_dynamic_and_static_caches_work(self_decoder_type):
     model = tiny_model(self_decoder_type)
     input_ids = torch.randint(1, 64, (2, 12))
     full = model(input_ids, use_cache=False).logits
-    incremental, _ = _incremental_logits(model, input_ids, 4, cache=DynamicCache(config=model.config))
+    incremental, cache = _incremental_logits(model, input_ids, 4, cache=DynamicCache(config=model.config))
     torch.testing.assert_close(incremental, full, atol=ATOL, rtol=0)
+    assert int(cache.get_seq_length()) == 12  # transformers >= 5.25 counts a linear first layer by its own counter
     reference = greedy(model, input_ids)
     assert torch.equal(greedy(model, input_ids, cache_implementation="static"), reference)
 
@@ -439,7 +441,7 @@ def check_held(cache, self_decoder_type: str) -> None:
         tensors += list(getattr(layer, "recurrent_states", {}).values()) + list(
             getattr(layer, "conv_states", {}).values()
         )
-        tensors += [getattr(layer, "_sliding_window_tensor", None)]
+        tensors += [getattr(layer, "_sliding_window_tensor", None), getattr(layer, "cumulative_length_linear", None)]
         for tensor in tensors:
             if isinstance(tensor, torch.Tensor):
                 storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()

@@ -225,8 +225,9 @@ class BlockTransformerCache(BatchMapCacheMixin, Cache):
         self.history: torch.Tensor | None = None  # [B, capacity] ids of the real tokens, while recording
         self.stale: torch.Tensor | None = None  # [B] rows whose local state must be rebuilt (after a crop)
 
-    def activate_past_recording(self) -> None:
-        """Keep what `crop` needs to go back across block boundaries (called by generate's assisted decoding)."""
+    def activate_past_recording(self, **kwargs) -> None:
+        """Keep what `crop` needs to go back across block boundaries (called by generate's assisted decoding;
+        transformers >= 5.25 passes `recurrent_states_to_keep`, which a cache with no recurrent state has no use for)."""
         self.record_past = True
 
     def start(self, pending_tokens: torch.Tensor, num_tokens: torch.Tensor, length: int) -> None:
@@ -485,7 +486,7 @@ class BlockTransformerStaticCache(BlockTransformerCache):
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return self.max_cache_len
 
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, **kwargs) -> None:
         raise ValueError("the static Block Transformer cache cannot roll back; assisted decoding uses the dynamic one")
 
     def crop(self, tokens_to_remove: int) -> None:

@@ -292,6 +292,19 @@ class YocoRetentionLayer(LinearAttentionLayer):
     def is_croppable(self) -> bool:
         return self.record_past
 
+    def activate_past_recording(self, **kwargs) -> None:
+        """Start recording for `crop` (transformers >= 5.25 passes `recurrent_states_to_keep`, for its per-step state
+        history; this layer keeps its own bounded `rollback` instead)."""
+        self.record_past = True
+
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, state_idx: int = 0, **kwargs) -> torch.Tensor:
+        """Store the state in place (static address, as transformers does), without transformers' per-step history:
+        while recording, that would keep one `[B, H, K, V]` state per token until the next `crop`."""
+        if not self.is_recurrent_states_initialized[state_idx]:
+            self.lazy_initialization(recurrent_states=recurrent_states, state_idx=state_idx)
+        self.recurrent_states[state_idx].copy_(recurrent_states)
+        return self.recurrent_states[state_idx]
+
     def record_update(
         self, state_before: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     ) -> None:
@@ -330,6 +343,8 @@ class YocoRetentionLayer(LinearAttentionLayer):
             state = torch.zeros_like(self.recurrent_states[0])
         self.recurrent_states[0] = state.to(self.recurrent_states[0].dtype)
         self.rollback = None if keep == 0 and start is None else (start, k[:, :keep], v[:, :keep], g[:, :keep])
+        if isinstance(getattr(self, "cumulative_length_linear", None), torch.Tensor):  # transformers >= 5.25's count
+            self.cumulative_length_linear.sub_(remove)
 
     def rollback_bytes(self) -> int:
         return 0 if self.rollback is None else tensor_bytes(*self.rollback)
@@ -403,9 +418,15 @@ class YocoSlidingWindowLayer(DynamicSlidingWindowLayer):
         self.sink_keys = self.sink_values = self.sink_positions = None
 
 
-class YocoCacheBatchMixin(BatchMapCacheMixin):
-    """Batch operations (beam reorder, repeat, select) of the YOCO caches, recurrent states and rollback included
-    (transformers' linear-attention layers have no batch operations of their own)."""
+class YocoCacheMixin(BatchMapCacheMixin):
+    """What both YOCO caches share: the token count, and batch operations (beam reorder, repeat, select) with the
+    recurrent states and rollback included (transformers' linear-attention layers have no batch operations)."""
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens the cache holds. Every layer has seen the same tokens and the global K/V layer counts them, whatever
+        the self-decoder: transformers >= 5.25 counts a linear-attention layer by its conv-state updates, which gated
+        retention never makes, and would report 0."""
+        return super().get_seq_length(self.global_kv_layer_idx)
 
     def _map_batch(self, fn) -> None:
         """Apply `fn` to the batch dimension of every tensor the layers hold (K/V, recurrent states, rollback)."""
@@ -425,7 +446,7 @@ class YocoCacheBatchMixin(BatchMapCacheMixin):
                     layer._key_buffer = layer._value_buffer = None
 
 
-class YocoCache(YocoCacheBatchMixin, DynamicCache):
+class YocoCache(YocoCacheMixin, DynamicCache):
     """Cache of a YOCO model: one constant-size state per self-decoder layer plus **one** global K/V.
 
     Layers (built by transformers from `config.layer_types` / `config.kv_sharing_modes`):
@@ -534,7 +555,7 @@ class YocoRingWindowLayer(StaticLayer):
         super().reorder_cache(beam_idx)  # positions are shared by every row
 
 
-class YocoStaticCache(YocoCacheBatchMixin, StaticCache):
+class YocoStaticCache(YocoCacheMixin, StaticCache):
     """Fixed-capacity cache of a YOCO model for `torch.compile` / CUDA graphs (`generate(...,
     cache_implementation="static")` builds it): the global K/V preallocated for `max_cache_len` positions
     (transformers' `StaticLayer`), sliding windows as ring buffers (`YocoRingWindowLayer`), retention states updated
@@ -629,14 +650,19 @@ def _get_recurrent_state(cache: Cache | None, layer_idx: int) -> torch.Tensor | 
     return layer.recurrent_states[0] if layer.is_recurrent_states_initialized[0] else None
 
 
-def _set_recurrent_state(cache: Cache, layer_idx: int, state: torch.Tensor) -> None:
-    """Store the retention state of `layer_idx`. transformers copies it in place (static addresses for CUDA graphs);
-    under autograd that would overwrite a tensor the backward still needs, so a state with grad replaces the old one."""
+def _set_recurrent_state(cache: Cache, layer_idx: int, state: torch.Tensor, tokens: int) -> None:
+    """Store the retention state of `layer_idx` after `tokens` more tokens. transformers copies it in place (static
+    addresses for CUDA graphs); under autograd that would overwrite a tensor the backward still needs, so a state with
+    grad replaces the old one. transformers >= 5.25 counts a linear-attention layer's tokens in
+    `cumulative_length_linear` (read by `get_seq_length()` of caches whose first layer is one, e.g. a plain
+    `DynamicCache(config=...)`), advanced only by conv-state updates, which retention has none of: advance it here."""
     layer = cache.layers[layer_idx]
     if state.requires_grad and layer.is_recurrent_states_initialized[0]:
         layer.recurrent_states[0] = state
     else:
         cache.update_recurrent_state(state, layer_idx)
+    if isinstance(getattr(layer, "cumulative_length_linear", None), torch.Tensor):
+        layer.cumulative_length_linear.add_(tokens)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -768,7 +794,7 @@ class YocoGatedRetention(nn.Module):
         if want_state:
             if isinstance(cache.layers[self.layer_idx], YocoRetentionLayer):  # assisted decoding may roll it back
                 cache.layers[self.layer_idx].record_update(state_before, key, value, log_decay)
-            _set_recurrent_state(cache, self.layer_idx, state)
+            _set_recurrent_state(cache, self.layer_idx, state, length)
         return self._output(hidden_states, out.view(batch, length, self.num_heads, -1)), None
 
     def _project(self, hidden_states, position_embeddings, attention_mask=None):
@@ -1335,7 +1361,8 @@ class YocoModel(YocoPreTrainedModel):
                                        kwargs)  # fmt: skip
         if cache is not None:
             self._check_cache(cache, (input_ids if inputs_embeds is None else inputs_embeds).shape[0])
-        past_seen = cache.get_seq_length() if cache is not None else 0
+        # Counted by the global K/V layer of any cache built from this config (the first layer may be linear).
+        past_seen = cache.get_seq_length(self.config.num_self_decoder_layers) if cache is not None else 0
         if isinstance(past_seen, torch.Tensor):  # a static cache's live counter (moves as the layers update)
             past_seen = past_seen.clone()
         check_model_inputs(
@@ -1469,8 +1496,10 @@ class YocoModel(YocoPreTrainedModel):
         batch, length, _ = self_decoder_states.shape
         if query_indices.ndim != 2 or query_indices.shape[0] != batch:
             raise ValueError(f"query_indices must be [batch={batch}, Q], got {tuple(query_indices.shape)}")
-        if query_indices.numel() and not 0 <= int(query_indices.min()) <= int(query_indices.max()) < length:
-            raise ValueError(f"query_indices must lie in [0, {length}) (the states' indices)")
+        # Checked where it costs no device sync; on an accelerator an index out of range faults in `gather` below.
+        if query_indices.device.type == "cpu" and query_indices.numel():
+            if not 0 <= int(query_indices.min()) <= int(query_indices.max()) < length:
+                raise ValueError(f"query_indices must lie in [0, {length}) (the states' indices)")
         if positions is None:
             positions = torch.arange(length, device=self_decoder_states.device).expand(batch, -1)  # [B, T]
         elif positions.shape != (batch, length):
