@@ -274,7 +274,9 @@ class NeedleRow(NamedTuple):
 
     @property
     def states(self) -> torch.Tensor:
-        """The self-decoder's output over the whole row `[T, d]` (what the global K/V is built from)."""
+        """The self-decoder's output over the whole row `[T, d]` (what the global K/V is built from). Concatenated on
+        each access, so a haystack's 4 rows share one copy of its states: one `[T, d]` copy per visit is under 1% of
+        a stage step (the global K/V projection over the same T rows alone costs more)."""
         return torch.cat([self.prompt_states, self.question_states])
 
 
@@ -461,7 +463,10 @@ def retrieval_stage(
         raise ValueError(
             "attention_weight > 0 needs rows built with the original's attention: needle_rows(teacher=...)"
         )
-    reference = copy.deepcopy(student).eval().requires_grad_(False)  # the model before the stage
+    # The model before the stage: a copy of what the stage trains, sharing every frozen parameter (the embeddings and
+    # the self-decoder, most of the model) with the student.
+    frozen = {id(p): p for p in student.parameters() if not p.requires_grad}
+    reference = copy.deepcopy(student, memo=frozen).eval().requires_grad_(False)
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
