@@ -9,7 +9,7 @@
 # 3. runs tests/kernels and tests/test_integrations.py on CUDA, then the `gpu`-marked model tests (forward,
 #    generate, a Trainer step, bf16 numerics of the Triton vs PyTorch paths against fp32: numerics.jsonl);
 # 4. times the kernels against their PyTorch references, SDPA, fla's chunk_simple_gla and flex_attention
-#    (benchmarks/kernels.py -> kernels/kernels.{json,md});
+#    (benchmarks/kernel_speed.py -> kernels/kernels.{json,md});
 # 5. with MODEL_BENCH=1, the model benchmark at the paper's scale against a same-size Llama, eager and with static
 #    caches + torch.compile (`hf-yoco bench --device cuda --dtype bfloat16 [--compile]` -> bench/, bench-compile/;
 #    about 8 minutes each on an H100: a session of its own).
@@ -63,7 +63,7 @@ step 420 tests.log python3 -m pytest -q -p no:cacheprovider tests/kernels tests/
     --deselect tests/kernels/test_aot_compile.py
 step 420 tests.log env HF_YOCO_GPU_REPORT="$OUT/numerics.jsonl" python3 -m pytest -q -s -p no:cacheprovider -m gpu \
     tests/test_gpu.py
-step 420 bench.log python3 benchmarks/kernels.py "${bench[@]}" --out "$OUT/kernels"
+step 420 bench.log python3 benchmarks/kernel_speed.py "${bench[@]}" --out "$OUT/kernels"
 rm -f "$OUT/bench.log"  # the tables are in kernels/kernels.md
 if [ "${MODEL_BENCH:-0}" = 1 ]; then
     if [ ${#bench[@]} = 0 ]; then

@@ -1,8 +1,9 @@
 """Serving: continuous batching (transformers' engine, `model.generate_batch`) of YOCO, the Block Transformer and a
 same-size Llama at equal cache memory.
 
-Every model gets the same paged cache: `num_blocks` whole-model blocks (transformers sizes one block as the K/V of
-`page_size` tokens for every layer, so the bytes are equal for models of equal depth, heads and head size). Llama
+Every model gets the same paged cache memory: the bytes of the Llama's `num_blocks` blocks (`page_size` tokens of
+K/V for every layer), each other model the most blocks that fit them (`hf_yoco.continuous_batching.num_blocks_within`:
+transformers sizes a block by the model's own cache groups from 5.25, by a same-depth Llama's before). Llama
 spends it on every layer's K/V; YOCO on one global K/V (plus constant-size windows or retention states per request);
 the Block Transformer on one entry per block of tokens (plus a constant-size local state per request). The workload
 is the same list of requests for every model: prompt lengths log-uniform in a range (the paper scale: 128-8K), new
@@ -37,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from hf_yoco.continuous_batching import num_blocks_within, paged_cache_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("llama", "yoco-swa", "yoco-gret", "block-transformer")
@@ -105,19 +108,6 @@ def engine_config(settings: dict, num_blocks: int | None = None):
                                     max_batch_tokens=settings["max_batch_tokens"], **{page: settings["page_size"]})  # fmt: skip
 
 
-def cache_size(config, engine, device: str, dtype: torch.dtype) -> int:
-    """Bytes of the paged cache the engine allocates for `config` (built as the engine builds it)."""
-    from transformers.generation.continuous_batching.cache import PagedAttentionCache
-    from transformers.generation.continuous_batching.distributed import DistributedHelper
-    from transformers.generation.continuous_batching.initialization import resolve_continuous_batching_config
-
-    engine = resolve_continuous_batching_config(config=config, cb_config=engine, workload_hints=None,
-                                                has_logit_processors=False, device=torch.device(device))  # fmt: skip
-    cache = PagedAttentionCache(config=config, continuous_batching_config=engine, device=device,
-                                distributed_helper=DistributedHelper(None, None), dtype=dtype)  # fmt: skip
-    return cache.cache_tensor.numel()  # uint8: one element per byte
-
-
 def measure(name: str, settings: dict, requests: list[tuple[int, int]], device: str, dtype: torch.dtype) -> dict:
     from transformers import GenerationConfig
 
@@ -126,10 +116,8 @@ def measure(name: str, settings: dict, requests: list[tuple[int, int]], device: 
     model = build_model(name, settings, device, dtype)
     rng = random.Random(1)
     inputs = [[rng.randrange(3, settings["vocab"]) for _ in range(prompt)] for prompt, _ in requests]
-    budget = cache_size(model_config("llama", settings), engine_config(settings), device, dtype)
-    num_blocks = settings["num_blocks"]
-    while num_blocks > 1 and cache_size(model.config, engine_config(settings, num_blocks), device, dtype) > budget:
-        num_blocks -= 1  # the engine rounds each model's cache up to whole sectors: stay within Llama's bytes
+    budget = paged_cache_bytes(model_config("llama", settings), engine_config(settings), device, dtype)
+    num_blocks = num_blocks_within(model.config, budget, engine_config(settings), device, dtype)  # Llama's bytes
     engine = engine_config(settings, num_blocks)
     warm = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=2)
     model.generate_batch(inputs=[inputs[0][:8]], generation_config=warm, continuous_batching_config=engine,
@@ -183,8 +171,8 @@ def markdown(results: dict) -> str:
         f"transformers {results['transformers']} engine (`generate_batch` / `init_continuous_batching`), "
         f"{results['device']}, {s['dtype']}. Models: d={s['hidden_size']}, {s['layers']} layers, "
         f"{s['heads']}/{s['kv_heads']} heads, FFN {s['ffn']} (YOCO: half self-decoder, window {s['window']}; "
-        f"Block Transformer: block length {s['block_length']}), random weights. Cache: {s['num_blocks']} "
-        f"whole-model blocks of {s['page_size']} tokens for every model; chunked prefill of {s['max_batch_tokens']} "
+        f"Block Transformer: block length {s['block_length']}), random weights. Cache: the bytes of the Llama's "
+        f"{s['num_blocks']} blocks of {s['page_size']} tokens for every model; chunked prefill of {s['max_batch_tokens']} "
         f"tokens per step. Workload: {s['requests']} requests at once, prompts {s['prompts'][0]}-{s['prompts'][1]} "
         f"tokens (log-uniform), {s['new_tokens'][0]}-{s['new_tokens'][1]} new tokens, greedy.",
         "",

@@ -18,7 +18,7 @@ if __name__ == "kernels":
     _spec = importlib.machinery.PathFinder.find_spec(
         "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
     )
-    if _spec is not None and _spec.loader is not None:
+    if _spec is not None and _spec.origin is not None and _spec.loader is not None:  # a module, not a folder
         _library = importlib.util.module_from_spec(_spec)
         sys.modules["kernels"] = _library  # the import system returns what this name holds once this file has run
         _spec.loader.exec_module(_library)

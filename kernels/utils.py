@@ -147,7 +147,7 @@ def autotune_configs(
 def patch_triton_interpreter_for_liger() -> Callable[[], None]:
     """Let the Triton interpreter run Liger-Kernel's RMSNorm / SwiGLU as compiled Triton does; returns an undo.
 
-    Tests and `benchmarks/kernels.py --smoke` only: the models never call this. Compiled Triton passes Python-float
+    Tests and `benchmarks/kernel_speed.py --smoke` only: the models never call this. Compiled Triton passes Python-float
     kernel arguments as fp32 scalars and lowers `libdevice.rsqrt`; triton 3.9's interpreter passes plain floats (Liger
     calls `eps.to(tl.float32)`) and has no libdevice, so without these two patches Liger's RMSNorm and SwiGLU kernels
     fail in the interpreter only. Does nothing (and the undo is a no-op) unless `TRITON_INTERPRET=1`. Imports triton

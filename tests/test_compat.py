@@ -115,3 +115,39 @@ def test_gradient_checkpointed_layers_drop_the_cache_under_this_releases_name():
     cache = hf_yoco.YocoCache(model.config)
     model(torch.randint(1, 64, (1, 6)), cache=cache).logits.sum().backward()
     assert all(not layer.is_initialized for layer in cache.layers[: model.config.num_self_decoder_layers])
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_no_script_folder_shadows_an_installed_package():
+    """A script runs with its own folder first on `sys.path`, so a module there named like an installed package
+    replaces that package for everything the script imports (`benchmarks/kernels.py` broke every benchmark once
+    transformers 5.25 began importing Hugging Face's `kernels`). The repository root holds `kernels/`, which hands the
+    name over (see `kernels/__init__.py`)."""
+    from importlib.metadata import packages_distributions
+
+    installed = set(packages_distributions())
+    for folder in ("benchmarks", "examples"):
+        shadowing = sorted(p.name for p in (ROOT / folder).iterdir() if p.suffix == ".py" and p.stem in installed)
+        assert not shadowing, f"{folder}/{shadowing} shadow installed packages of the same name: rename them"
+
+
+def test_the_repository_kernels_folder_hands_its_name_to_an_installed_kernels_library(tmp_path):
+    """With the repository root first on `sys.path`, `import kernels` gives Hugging Face's library when one is
+    installed (a stand-in here), and this folder, importable as before, when none is."""
+    import subprocess
+    import sys
+
+    stand_in = tmp_path / "site" / "kernels"
+    stand_in.mkdir(parents=True)
+    (stand_in / "__init__.py").write_text("")
+    probe = "import importlib.util; spec = importlib.util.find_spec('kernels'); print(spec and spec.origin or '')"
+    installed = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True)
+    installed = installed.stdout.strip()  # Hugging Face's library, if installed (looked up away from the root)
+    without = Path(installed).parent if installed else ROOT / "kernels"
+    code = "import sys; sys.path[1:1] = sys.argv[1:]; import kernels; print(kernels.__file__)"  # path[0]: the root
+    for extra, expected in (([str(stand_in.parent)], stand_in), ([], without)):
+        out = subprocess.run([sys.executable, "-c", code, *extra], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert Path(out.stdout.strip()).parent == expected

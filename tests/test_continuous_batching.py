@@ -18,7 +18,14 @@ import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 import hf_yoco
-from hf_yoco.continuous_batching import BLOCK_KV, BLOCK_LOCAL_STATE, RETENTION_STATE, group_layers
+from hf_yoco.continuous_batching import (
+    BLOCK_KV,
+    BLOCK_LOCAL_STATE,
+    RETENTION_STATE,
+    group_layers,
+    num_blocks_within,
+    paged_cache_bytes,
+)
 
 pytestmark = pytest.mark.transformers_compat
 
@@ -72,10 +79,11 @@ CONFIGS = {
     "one batch": dict(num_blocks=32, max_batch_tokens=64, page_size=16, max_requests_per_batch=8),
     "chunked prompts": dict(num_blocks=32, max_batch_tokens=7, page_size=4, max_requests_per_batch=2),
 }
-# A cache that holds the longest request but not all of them at once: (num_blocks, new tokens). The same
-# num_blocks is the same bytes for every model here; Llama needs 3x the blocks YOCO does (the Block Transformer grows
-# so slowly that it needs longer generations to run out).
-SMALL_CACHE = {"llama": (12, 8), "swa": (4, 8), "gret": (4, 8), "block": (12, 40)}
+# A cache that holds the longest request but not all of them at once: (bytes, as the Llama's cache of that many
+# blocks; new tokens). Llama needs 3x the memory YOCO does; the Block Transformer's per-request local state is large
+# and its block K/V grows so slowly that it needs more memory and longer generations to run out. Sized in bytes:
+# what one block costs differs between transformers releases (`num_blocks_within`).
+SMALL_CACHE = {"llama": (12, 8), "swa": (4, 8), "gret": (4, 8), "block": (33, 40)}
 
 
 @pytest.fixture
@@ -115,10 +123,13 @@ def test_evicted_requests_still_equal_greedy(name, offload_gib, evictions, monke
         monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: engine_empty(*a, **k))
     model = build(name)
     inputs = prompts()
-    num_blocks, new_tokens = SMALL_CACHE[name]
+    llama_blocks, new_tokens = SMALL_CACHE[name]
     expected = [greedy(model, p, new_tokens) for p in inputs]
-    config = ContinuousBatchingConfig(num_blocks=num_blocks, max_batch_tokens=16, page_size=4,
+    config = ContinuousBatchingConfig(num_blocks=llama_blocks, max_batch_tokens=16, page_size=4,
                                       max_requests_per_batch=4, cpu_offload_space=offload_gib)  # fmt: skip
+    budget = paged_cache_bytes(build("llama").config, config)
+    config.num_blocks = num_blocks_within(model.config, budget, config)
+    assert paged_cache_bytes(model.config, config) <= budget
     generation = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=new_tokens)
     assert batch_tokens(model, inputs, config, generation) == expected
     assert evictions[0] > 0

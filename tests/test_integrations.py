@@ -35,7 +35,7 @@ LIGER_OPS = ("liger_rms_norm", "liger_swiglu", "liger_rope", "liger_cross_entrop
 def interpreter_like_compiled_triton():
     """Make triton 3.9's interpreter run Liger's RMSNorm / SwiGLU as compiled Triton does (CPU only; undone after).
 
-    See `hf_yoco.kernels.utils.patch_triton_interpreter_for_liger` (shared with `benchmarks/kernels.py --smoke`).
+    See `hf_yoco.kernels.utils.patch_triton_interpreter_for_liger` (shared with `benchmarks/kernel_speed.py --smoke`).
     """
     undo = patch_triton_interpreter_for_liger()
     yield

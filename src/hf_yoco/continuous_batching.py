@@ -235,6 +235,46 @@ def _make_allocators() -> dict[str, type]:
     }
 
 
+def paged_cache_bytes(config, continuous_batching_config, device: str | torch.device = "cpu",
+                      dtype: torch.dtype = torch.float32) -> int:  # fmt: skip
+    """Bytes of the paged cache transformers' engine allocates for `config` with `continuous_batching_config` (built
+    the way the engine builds it)."""
+    from transformers.generation.continuous_batching.cache import PagedAttentionCache
+    from transformers.generation.continuous_batching.distributed import DistributedHelper
+    from transformers.generation.continuous_batching.initialization import resolve_continuous_batching_config
+
+    engine = resolve_continuous_batching_config(config=config, cb_config=continuous_batching_config,
+                                                workload_hints=None, has_logit_processors=False,
+                                                device=torch.device(device))  # fmt: skip
+    cache = PagedAttentionCache(config=config, continuous_batching_config=engine, device=device,
+                                distributed_helper=DistributedHelper(None, None), dtype=dtype)  # fmt: skip
+    return cache.cache_tensor.numel()  # uint8: one element per byte
+
+
+def num_blocks_within(config, max_bytes: int, continuous_batching_config, device: str | torch.device = "cpu",
+                      dtype: torch.dtype = torch.float32) -> int:  # fmt: skip
+    """The largest `num_blocks` whose paged cache for `config` takes at most `max_bytes`: the way to give models
+    equal cache memory. What one block costs depends on the release: up to 5.24 transformers sizes it as `page_size`
+    tokens of K/V for `num_hidden_layers` full-attention layers (a same-depth Llama's), from 5.25 as the model's own
+    cache groups need (a YOCO block is then smaller, a Block Transformer block larger). Every other field of
+    `continuous_batching_config` is kept."""
+    import dataclasses
+
+    def size(blocks: int) -> int:
+        return paged_cache_bytes(config, dataclasses.replace(continuous_batching_config, num_blocks=blocks), device,
+                                 dtype)  # fmt: skip
+
+    if size(1) > max_bytes:
+        raise ValueError(f"max_bytes ({max_bytes}) is below the smallest paged cache of this model ({size(1)} bytes)")
+    low, high = 1, 2  # size(low) <= max_bytes < size(high)
+    while size(high) <= max_bytes:
+        low, high = high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if size(middle) <= max_bytes else (low, middle)
+    return low
+
+
 def install() -> bool:
     """Register the allocators and the hf_yoco layer grouping with transformers' continuous-batching engine (once;
     `import hf_yoco` calls it). Returns False when the installed transformers has no such engine."""

@@ -4,8 +4,10 @@
 (`getattr(transformers, config.architectures[0])`), so it cannot load a model type transformers does not ship, not even
 with `--trust-remote-code`. `hf-yoco serve` is `transformers serve` with every option unchanged, after two steps:
 `import hf_yoco` (registers the configs and models with the Auto classes and the continuous-batching allocators) and
-`expose_to_transformers()` (puts our model classes into that namespace). With `--continuous-batching` the requests
-share transformers' paged engine (`hf_yoco.continuous_batching`).
+`expose_to_transformers()` (puts our model classes into that namespace). transformers >= 5.25 loads each model in
+a process of its own (spawned, so it starts from a fresh interpreter): there `SpawnedModelLoader`, the server's loader
+with these two steps first, does the same. With `--continuous-batching` the requests share transformers' paged
+engine (`hf_yoco.continuous_batching`).
 
     hf-yoco serve ./my-yoco --continuous-batching --device cpu --port 8000
     # then any OpenAI client: base_url="http://localhost:8000/v1", model="./my-yoco"
@@ -16,8 +18,10 @@ Chat completions need a chat template in the checkpoint's tokenizer; `/v1/comple
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import sys
+import unittest.mock
 
 # The classes `transformers serve` may find in a checkpoint's `architectures`.
 SERVABLE = ("YocoForCausalLM", "YocoModel", "BlockTransformerForCausalLM", "BlockTransformerModel")
@@ -36,6 +40,22 @@ def expose_to_transformers() -> list[str]:
             setattr(transformers, name, getattr(hf_yoco, name))
             added.append(name)
     return added
+
+
+try:  # transformers >= 5.25 (earlier releases load the model in the server's process, already set up by `run`)
+    from transformers.cli.serving.model_manager import ModelLoader
+except ImportError:  # an older release, or no serving extras (`run` says so)
+    ModelLoader = None
+
+if ModelLoader is not None:
+
+    class SpawnedModelLoader(ModelLoader):
+        """transformers' model loader, pickled into the model's spawned process, where hf_yoco is imported and its
+        classes exposed before the model loads (unpickling this class imports this module)."""
+
+        def load_model_and_processor(self, *args, **kwargs):
+            expose_to_transformers()
+            return super().load_model_and_processor(*args, **kwargs)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,8 +97,12 @@ def _serve_app():
 
         @functools.wraps(Serve.__init__)  # typer reads the options from this signature
         def __init__(self, *args, **kwargs) -> None:
+            loader = contextlib.nullcontext()
+            if ModelLoader is not None:  # `Serve` imports the loader class when it builds the server
+                loader = unittest.mock.patch("transformers.cli.serving.model_manager.ModelLoader", SpawnedModelLoader)
             try:
-                super().__init__(*args, **kwargs)  # returns when the server has stopped
+                with loader:
+                    super().__init__(*args, **kwargs)  # returns when the server has stopped
             except KeyboardInterrupt:  # Ctrl-C / SIGINT: uvicorn has already shut the server down cleanly
                 print("hf-yoco serve: stopped", file=sys.stderr)
             finally:

@@ -3,13 +3,13 @@
 On a CUDA GPU, one command (results land in `benchmarks/results/<gpu-slug>/kernels.{json,md}`, e.g.
 `nvidia-h100-80gb-hbm3`, and the tables are printed too):
 
-    python benchmarks/kernels.py                 # bf16, B=4, H=8, H_kv=2, D=128, W=1024, T in 512..8192
-    python benchmarks/kernels.py --dtype float16 --lengths 1024 4096 --no-liger
+    python benchmarks/kernel_speed.py                 # bf16, B=4, H=8, H_kv=2, D=128, W=1024, T in 512..8192
+    python benchmarks/kernel_speed.py --dtype float16 --lengths 1024 4096 --no-liger
 
 CPU check that the script and every kernel still run (tiny shapes, fp32, Triton interpreter, `time.perf_counter`
 timings that mean nothing; results go to `benchmarks/results/cpu-smoke/` unless `--out` is given):
 
-    python benchmarks/kernels.py --smoke
+    python benchmarks/kernel_speed.py --smoke
 
 `TRITON_INTERPRET=1` must be set before triton is first imported (`import hf_yoco` imports it through
 liger-kernel); with `--smoke` and no CUDA the script sets it itself before importing anything that imports triton.
@@ -99,7 +99,7 @@ def prepare_device(smoke: bool) -> torch.device:
         return torch.device("cuda")
     if not smoke:
         raise SystemExit(
-            "benchmarks/kernels.py times Triton kernels and needs a CUDA GPU. Use --smoke to run tiny shapes on CPU "
+            "benchmarks/kernel_speed.py times Triton kernels and needs a CUDA GPU. Use --smoke to run tiny shapes on CPU "
             "through the Triton interpreter (a check that everything runs; its timings mean nothing)."
         )
     if os.environ.get("TRITON_INTERPRET") != "1":

@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py --smoke: every section runs (on CPU through the Triton interpreter) and writes its reports."""
+"""benchmarks/kernel_speed.py --smoke: every section runs (on CPU through the Triton interpreter) and writes its reports."""
 
 import importlib.util
 import json
@@ -26,7 +26,7 @@ if importlib.util.find_spec("liger_kernel") is not None:
 
 @pytest.fixture(scope="module")
 def script():
-    with load_benchmark("kernels") as module:
+    with load_benchmark("kernel_speed") as module:
         yield module
 
 
