@@ -16,6 +16,12 @@ The committed `benchmarks/results/distill_smollm2/retrieval_stage/` (attention d
         --steps 100 --eval-every 20 --learning-rate 3e-4 --attention-weight 1 --key-fraction 1 --key-curriculum 0 \
         --output-dir benchmarks/results/distill_smollm2/retrieval_stage
 
+`benchmarks/results/distill_smollm2/retrieval_stage_200/` (the same with 200 haystacks; the first 60 are shared):
+
+    python benchmarks/distill_retrieval_stage.py --model calibrated --rows-dir outputs/att_rows --prompts 200 \
+        --steps 200 --eval-every 40 --learning-rate 3e-4 --attention-weight 1 --key-fraction 1 --key-curriculum 0 \
+        --output-dir benchmarks/results/distill_smollm2/retrieval_stage_200
+
 Writes `retrieval_stage.json` (settings, curve, answer accuracy within / beyond the window before and after,
 perplexity and needle retrieval after) and `retrieval_stage.png`; `--save DIR` keeps the model.
 """

