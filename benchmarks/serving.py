@@ -116,8 +116,8 @@ def measure(name: str, settings: dict, requests: list[tuple[int, int]], device: 
     model = build_model(name, settings, device, dtype)
     rng = random.Random(1)
     inputs = [[rng.randrange(3, settings["vocab"]) for _ in range(prompt)] for prompt, _ in requests]
-    budget = paged_cache_bytes(model_config("llama", settings), engine_config(settings), device, dtype)
-    num_blocks = num_blocks_within(model.config, budget, engine_config(settings), device, dtype)  # Llama's bytes
+    budget = paged_cache_bytes(model_config("llama", settings), engine_config(settings), dtype)
+    num_blocks = num_blocks_within(model.config, budget, engine_config(settings), dtype)  # Llama's bytes
     engine = engine_config(settings, num_blocks)
     warm = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=2)
     model.generate_batch(inputs=[inputs[0][:8]], generation_config=warm, continuous_batching_config=engine,

@@ -235,10 +235,10 @@ def _make_allocators() -> dict[str, type]:
     }
 
 
-def paged_cache_bytes(config, continuous_batching_config, device: str | torch.device = "cpu",
-                      dtype: torch.dtype = torch.float32) -> int:  # fmt: skip
-    """Bytes of the paged cache transformers' engine allocates for `config` with `continuous_batching_config` (built
-    the way the engine builds it)."""
+def paged_cache_bytes(config, continuous_batching_config, dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "meta") -> int:  # fmt: skip
+    """Bytes of the paged cache transformers' engine allocates for `config` with `continuous_batching_config`, built
+    the way the engine builds it (on the meta device by default: nothing is allocated)."""
     from transformers.generation.continuous_batching.cache import PagedAttentionCache
     from transformers.generation.continuous_batching.distributed import DistributedHelper
     from transformers.generation.continuous_batching.initialization import resolve_continuous_batching_config
@@ -251,21 +251,19 @@ def paged_cache_bytes(config, continuous_batching_config, device: str | torch.de
     return cache.cache_tensor.numel()  # uint8: one element per byte
 
 
-def num_blocks_within(config, max_bytes: int, continuous_batching_config, device: str | torch.device = "cpu",
-                      dtype: torch.dtype = torch.float32) -> int:  # fmt: skip
+def num_blocks_within(config, max_bytes: int, continuous_batching_config, dtype: torch.dtype = torch.float32) -> int:
     """The largest `num_blocks` whose paged cache for `config` takes at most `max_bytes`: the way to give models
     equal cache memory. What one block costs depends on the release: up to 5.24 transformers sizes it as `page_size`
     tokens of K/V for `num_hidden_layers` full-attention layers (a same-depth Llama's), from 5.25 as the model's own
     cache groups need (a YOCO block is then smaller, a Block Transformer block larger). Every other field of
-    `continuous_batching_config` is kept."""
+    `continuous_batching_config` is kept; the candidate caches are sized on the meta device."""
     import dataclasses
 
     def size(blocks: int) -> int:
-        return paged_cache_bytes(config, dataclasses.replace(continuous_batching_config, num_blocks=blocks), device,
-                                 dtype)  # fmt: skip
+        return paged_cache_bytes(config, dataclasses.replace(continuous_batching_config, num_blocks=blocks), dtype)
 
-    if size(1) > max_bytes:
-        raise ValueError(f"max_bytes ({max_bytes}) is below the smallest paged cache of this model ({size(1)} bytes)")
+    if (smallest := size(1)) > max_bytes:
+        raise ValueError(f"max_bytes ({max_bytes}) is below the smallest paged cache of this model ({smallest} bytes)")
     low, high = 1, 2  # size(low) <= max_bytes < size(high)
     while size(high) <= max_bytes:
         low, high = high, 2 * high
