@@ -117,12 +117,26 @@ def calibrated_smollm2(data_dir: Path):
     return student.eval(), tokenizer, teacher
 
 
+@torch.no_grad()
+def token_accuracy(model, rows: list[NeedleRow]) -> list[float]:
+    """Share of `rows` whose answer token at each position (" ", the 4 digits, ".") the model predicts (greedy,
+    teacher-forced): where a copy slips. Over the shortest answer's length."""
+    length = min(len(row.input_ids) - row.answer_start for row in rows)
+    right = torch.zeros(length)
+    for row in rows:
+        positions = torch.arange(row.answer_start - 1, row.answer_start - 1 + length)
+        logits = model.lm_head(model.model.cross_decoder_forward(row.states[None], positions[None]))[0]
+        right += (logits.argmax(-1) == row.input_ids[row.answer_start : row.answer_start + length]).float()
+    return (right / len(rows)).tolist()
+
+
 def split_accuracy(model, rows: list[NeedleRow]) -> dict[str, float]:
     window = model.config.sliding_window
     beyond = [row for row in rows if row.distance > window]
     within = [row for row in rows if row.distance <= window]
     return {"beyond_window": answer_accuracy(model, beyond), "within_window": answer_accuracy(model, within),
-            "beyond_rows": len(beyond), "within_rows": len(within)}  # fmt: skip
+            "beyond_rows": len(beyond), "within_rows": len(within),
+            "beyond_window_by_answer_token": token_accuracy(model, beyond) if beyond else []}  # fmt: skip
 
 
 def plot(curve: list[dict], window: int, path: Path) -> None:
@@ -169,6 +183,10 @@ def main() -> None:
                         help="weight of the attention distillation (the original's cross-layer attention at the "
                         "answer; the rows then hold it, the original runs over each haystack once)")  # fmt: skip
     parser.add_argument("--attention-top-k", type=int, default=32, help="keys kept per head of the original's")
+    parser.add_argument("--pointer-weight", type=float, default=0.0,
+                        help="weight of the pointer loss (the retrieval heads pushed to attend to the needle token "
+                        "each answer position copies)")  # fmt: skip
+    parser.add_argument("--pointer-heads", type=int, default=4, help="retrieval heads the pointer loss trains")
     parser.add_argument("--beyond-only", action="store_true", help="train on rows with the needle beyond the window")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--retrieval-lengths", type=int, nargs="*", default=[900, 1600, 3072, 4096])
@@ -214,7 +232,8 @@ def main() -> None:
     start = time.perf_counter()
     curve = retrieval_stage(student, rows, eval_rows, args.steps, args.rows_per_step, args.learning_rate,
                             args.text_positions, args.kl_weight, args.eval_every, args.key_fraction,
-                            args.key_curriculum, args.attention_weight, progress=True)  # fmt: skip
+                            args.key_curriculum, args.attention_weight, args.pointer_weight, args.pointer_heads,
+                            progress=True)  # fmt: skip
     train_seconds = time.perf_counter() - start
     after = split_accuracy(student, eval_rows)
     print(f"answers right after: {after}", flush=True)

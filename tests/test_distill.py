@@ -4,6 +4,7 @@ loadable YOCO model with its card; the loss, the trained parameter set, resume a
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -24,7 +25,8 @@ from hf_yoco.distill import (
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("distill")
     assert main(["distill", "--smoke", "--no-progress", "--output-dir", str(out / "run"), "--retrieval-stage-steps",
-                 "2", "--retrieval-stage-attention-weight", "1", "--results-dir", str(out / "results")]) == 0  # fmt: skip
+                 "2", "--retrieval-stage-attention-weight", "1", "--retrieval-stage-pointer-weight", "1",
+                 "--retrieval-stage-pointer-heads", "2", "--results-dir", str(out / "results")]) == 0  # fmt: skip
     return out
 
 
@@ -42,6 +44,8 @@ def test_smoke_run_saves_a_loadable_yoco_model_with_its_card_and_numbers(smoke_r
     assert results["self_decoder_layers"] == model.config.num_self_decoder_layers == 3  # two thirds of 4 layers
     stage = results["retrieval_stage"]  # 2 haystacks x 4 needles, held-out rows scored before and after
     assert stage["rows"] == 8 and stage["steps"] == 2 and [e["step"] for e in stage["curve"]] == [0, 1, 2]
+    assert len(stage["curve"][0]["retrieval_heads"]) == 2 and stage["curve"][1]["pointer_loss"] > 0
+    assert "x the pointer loss on 2 retrieval heads" in card
     assert "eval_answer_accuracy" in stage["curve"][-1] and "retrieval stage: 2 steps on 8" in card
     assert stage["curve"][1]["attention_loss"] > 0 and "the original's attention" in card
     assert "perplexity (the-tempest), distilled" in card and "hf-yoco distill" in card
@@ -329,3 +333,58 @@ def test_retrieval_stage_distils_the_originals_attention(attention_setup):
     bare = [row._replace(attention=None) for row in rows]
     with pytest.raises(ValueError, match="needle_rows\\(teacher=...\\)"):
         retrieval_stage(student, bare, [], steps=1, rows_per_step=1, learning_rate=1e-3, attention_weight=1.0)
+
+
+def test_answer_pointers_name_the_needle_tokens_each_answer_position_copies(needle_setup):
+    from hf_yoco.distill import answer_pointers
+
+    _, _, rows = needle_setup
+    for row in rows:
+        pointers = answer_pointers(row)
+        needle = len(row.prompt_states) - row.distance
+        assert torch.equal(row.input_ids[pointers], row.input_ids[row.answer_start :])
+        assert needle <= int(pointers[0]) and torch.equal(pointers.diff(), torch.ones(len(pointers) - 1).long())
+    broken = rows[0]._replace(input_ids=rows[0].input_ids.clone())
+    broken.input_ids[answer_pointers(rows[0])] = 0  # the answer no longer in its needle
+    with pytest.raises(ValueError, match="does not appear in its needle"):
+        answer_pointers(broken)
+
+
+def test_pointer_loss_is_low_on_the_copied_token_and_pulls_the_chosen_heads_toward_it():
+    from hf_yoco.distill import pointer_loss
+
+    pointers = torch.tensor([3, 4, 5])
+    heads = torch.tensor([[1, 2]])  # cross layer 1, head 2
+    logits = torch.zeros(2, 4, 3, 10, requires_grad=True)  # [L_cross, H, A, T]: uniform attention
+    loss = pointer_loss(logits.softmax(-1), heads, pointers)
+    assert loss.item() == pytest.approx(math.log(10), rel=1e-5)
+    loss.backward()
+    grad = logits.grad[1, 2]  # [A, T]
+    assert (grad[torch.arange(3), pointers] < 0).all()  # the copied token's logit must rise ...
+    assert logits.grad.abs().sum() == pytest.approx(grad.abs().sum().item())  # ... in the chosen head only
+    peaked = torch.full((2, 4, 3, 10), -30.0)
+    peaked[..., torch.arange(3), pointers] = 0.0
+    assert pointer_loss(peaked.softmax(-1), heads, pointers).item() < 1e-6
+
+
+def test_retrieval_stage_pointer_loss_sharpens_the_retrieval_heads(needle_setup):
+    """With `pointer_weight`, the stage names the retrieval heads it trains (those that read the copied needle token
+    most before the stage) and their attention on that token rises (the loss falls); a bad head count is refused."""
+    import copy
+
+    from hf_yoco.distill import retrieval_heads, retrieval_stage
+
+    student, _, rows = needle_setup
+    student = copy.deepcopy(student)
+    train_only_what_distillation_trains(student)
+    heads = retrieval_heads(student, rows, 2)
+    assert heads.shape == (2, 2) and int(heads[:, 0].max()) < 1 and int(heads[:, 1].max()) < 4  # one cross layer
+    curve = retrieval_stage(student, rows, [], steps=30, rows_per_step=2, learning_rate=1e-2, text_positions=4,
+                            pointer_weight=1.0, pointer_heads=2)  # fmt: skip
+    assert curve[0]["retrieval_heads"] == [[3 + int(i), int(h)] for i, h in heads]
+    losses = [entry["pointer_loss"] for entry in curve[1:]]
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    assert student.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="pointer_heads must be between 1 and the cross-decoder's heads"):
+        retrieval_stage(student, rows, [], steps=1, rows_per_step=1, learning_rate=1e-3, pointer_weight=1.0,
+                        pointer_heads=5)  # fmt: skip

@@ -434,11 +434,48 @@ class CrossAttentionWeights:
         self.model.set_attn_implementation(self.implementation)
 
 
+def answer_pointers(row: NeedleRow) -> torch.Tensor:
+    """For each answer token of `row`, the position of the same token in the asked needle `[A]`: the key a head
+    copying the answer reads (the answer, " 8737.", appears verbatim in its needle)."""
+    answer = row.input_ids[row.answer_start :]
+    needle = len(row.prompt_states) - row.distance
+    after = row.input_ids[needle : len(row.prompt_states)]  # the needle, then the haystack up to the question
+    found = (after.unfold(0, len(answer), 1) == answer).all(-1).nonzero() if len(after) >= len(answer) else []
+    if not len(found):
+        raise ValueError(f"the answer {answer.tolist()} does not appear in its needle {after[:NEEDLE_SPAN].tolist()}")
+    return torch.arange(len(answer)) + needle + int(found[0])  # its first place: in the needle
+
+
+def pointer_loss(weights: torch.Tensor, heads: torch.Tensor, pointers: torch.Tensor) -> torch.Tensor:
+    """Mean `-log` attention the retrieval `heads` `[K, 2]` (cross-layer index, head) put, at each answer position,
+    on the needle token that answer position copies (`pointers` `[A]`). `weights` `[L_cross, H, A, T]`."""
+    chosen = weights[heads[:, 0], heads[:, 1]]  # [K, A, T]
+    on_target = chosen.gather(-1, pointers.expand(len(heads), -1).unsqueeze(-1)).squeeze(-1)  # [K, A]
+    return -on_target.clamp_min(1e-12).log().mean()
+
+
+@torch.no_grad()
+def retrieval_heads(model, rows: list[NeedleRow], count: int) -> torch.Tensor:
+    """The `count` cross-layer heads `[count, 2]` (cross-layer index, head) that already put the most attention on
+    the needle token each answer position copies, averaged over `rows` (the "retrieval heads" of Wu et al., 2024):
+    the heads `pointer_loss` sharpens."""
+    score = 0
+    with CrossAttentionWeights(model) as recorder:
+        for row in rows:
+            answer = torch.arange(row.answer_start - 1, len(row.input_ids) - 1)
+            model.model.cross_decoder_forward(row.states[None], answer[None])
+            weights = recorder.weights()[:, 0]  # [L_cross, H, A, T]
+            pointers = answer_pointers(row).expand(*weights.shape[:2], -1).unsqueeze(-1)  # [L_cross, H, A, 1]
+            score = score + weights.gather(-1, pointers).squeeze(-1).mean(-1)  # [L_cross, H]
+    top = score.flatten().topk(count).indices
+    return torch.stack([top // score.shape[1], top % score.shape[1]], dim=-1)
+
+
 def retrieval_stage(
     student, rows: list[NeedleRow], eval_rows: list[NeedleRow], steps: int, rows_per_step: int,
     learning_rate: float, text_positions: int = 32, kl_weight: float = 1.0, eval_every: int = 25,
-    key_fraction: float = 1.0, key_curriculum: float = 0.0, attention_weight: float = 0.0, seed: int = 0,
-    progress: bool = False,
+    key_fraction: float = 1.0, key_curriculum: float = 0.0, attention_weight: float = 0.0,
+    pointer_weight: float = 0.0, pointer_heads: int = 4, seed: int = 0, progress: bool = False,
 ) -> list[dict[str, float]]:  # fmt: skip
     """Teach the cross-decoder to read needles through the global K/V, on the frozen self-decoder's cached output.
 
@@ -449,14 +486,22 @@ def retrieval_stage(
     `text_positions` random text positions. Loss per prompt: cross-entropy on the answer, plus `kl_weight` times the
     KL from the model as it was before the stage at the text positions (what holds its perplexity), plus
     `attention_weight` times the attention distillation loss (`attention_distillation_loss`: the cross layers'
-    attention at the answer against the original model's, for rows built with `needle_rows(teacher=...)`).
+    attention at the answer against the original model's, for rows built with `needle_rows(teacher=...)`), plus
+    `pointer_weight` times the pointer loss (`pointer_loss`: the `pointer_heads` retrieval heads, chosen on the first
+    32 rows before the stage, pushed to attend, at each answer position, to the needle token it copies).
+
+    Why the pointer loss: with attention distillation alone, the cross layers already find the needle of held-out
+    prompts beyond the window (a third of a head's attention lands on it), yet the copy slips on later digits (of
+    "8737" the model writes "8777"): the original's attention is spread over the needle, and matching it does not
+    teach which digit to read next. The pointer loss does.
 
     Key curriculum: a needle among thousands of keys draws almost no attention, hence almost no gradient, at first.
     With `key_fraction` < 1 the answer sees only that share of the haystack's keys (`kept_keys`; the needle, the
     question and the answer always, every key at its true position), growing linearly to all of them over the first
     `key_curriculum` share of the steps; the text positions (and the attention distillation) always see every key.
     Trains what the distillation trains (parameters with `requires_grad`). Returns the curve (loss, answer loss, KL,
-    attention loss, kept key share, and held-out answer accuracy with every key every `eval_every` steps)."""
+    attention loss, pointer loss, kept key share, and held-out answer accuracy with every key every `eval_every`
+    steps); with `pointer_weight`, its first entry names the retrieval heads."""
     import contextlib
     import copy
     import random
@@ -467,6 +512,10 @@ def retrieval_stage(
         raise ValueError(
             "attention_weight > 0 needs rows built with the original's attention: needle_rows(teacher=...)"
         )
+    if pointer_weight and not 0 < pointer_heads <= student.config.num_attention_heads * (
+        student.config.num_hidden_layers - student.config.num_self_decoder_layers
+    ):
+        raise ValueError(f"pointer_heads must be between 1 and the cross-decoder's heads, got {pointer_heads}")
     # The model before the stage: a copy of what the stage trains, sharing every frozen parameter (the embeddings and
     # the self-decoder, most of the model) with the student.
     frozen = {id(p): p for p in student.parameters() if not p.requires_grad}
@@ -490,23 +539,30 @@ def retrieval_stage(
     def step_loss(step: int) -> float:
         nonlocal order
         fraction = fraction_at(step)
-        totals = {"answer_loss": 0.0, "kl": 0.0, "attention_loss": 0.0}
+        totals = {"answer_loss": 0.0, "kl": 0.0, "attention_loss": 0.0, "pointer_loss": 0.0}
         for _ in range(rows_per_step):
             if not order:
                 order = rng.sample(range(len(rows)), len(rows))
-            row = rows[order.pop()]
+            index = order.pop()
+            row = rows[index]
             states = row.states  # [T, d]
             answer = torch.arange(row.answer_start - 1, len(row.input_ids) - 1)  # positions predicting the answer
             text = torch.tensor(sorted(rng.sample(range(row.answer_start - 1),
                                                   min(text_positions, row.answer_start - 1))))  # fmt: skip
             # One forward over every key for the text (and the answer, unless the curriculum hides keys from it).
-            with CrossAttentionWeights(student) if attention_weight else contextlib.nullcontext() as recorder:
+            recording = attention_weight or pointer_weight
+            with CrossAttentionWeights(student) if recording else contextlib.nullcontext() as recorder:
                 logits = logits_at(student, states, torch.cat([answer, text]))
             answer_logits, text_logits = logits[: len(answer)], logits[len(answer) :]
-            attention_loss = torch.zeros(())
-            if attention_weight:
+            attention_loss = pointer = torch.zeros(())
+            if recording:
                 weights = recorder.weights()[:, 0, :, : len(answer)]  # [L_cross, H, A, T]
+            if attention_weight:
                 attention_loss = attention_distillation_loss(weights, row.attention)
+            if pointer_weight:
+                if index not in pointers:
+                    pointers[index] = answer_pointers(row)
+                pointer = pointer_loss(weights, heads, pointers[index])
             if fraction < 1:
                 answer_logits = logits_at(student, states, answer, kept_keys(row, fraction, generator))
             answer_loss = F.cross_entropy(answer_logits.float(), row.input_ids[row.answer_start :])
@@ -514,11 +570,14 @@ def retrieval_stage(
                 target = logits_at(reference, states, text)
             kl = F.kl_div(F.log_softmax(text_logits.float(), -1), F.log_softmax(target.float(), -1), log_target=True,
                           reduction="batchmean")  # fmt: skip
-            ((answer_loss + kl_weight * kl + attention_weight * attention_loss) / rows_per_step).backward()
+            loss = answer_loss + kl_weight * kl + attention_weight * attention_loss + pointer_weight * pointer
+            (loss / rows_per_step).backward()
             totals["answer_loss"] += answer_loss.item() / rows_per_step
             totals["kl"] += kl.item() / rows_per_step
             totals["attention_loss"] += attention_loss.item() / rows_per_step
+            totals["pointer_loss"] += pointer.item() / rows_per_step
         loss = totals["answer_loss"] + kl_weight * totals["kl"] + attention_weight * totals["attention_loss"]
+        loss += pointer_weight * totals["pointer_loss"]
         curve.append({"step": step + 1, **totals, "loss": loss, "key_fraction": fraction})
         return loss
 
@@ -527,8 +586,15 @@ def retrieval_stage(
             curve[-1]["eval_answer_accuracy"] = answer_accuracy(student, eval_rows)
             student.train()
 
+    heads = retrieval_heads(student, rows[:32], pointer_heads) if pointer_weight else None
+    pointers = {}  # row index -> the needle tokens its answer copies
+    start: dict[str, Any] = {"step": 0}
+    if heads is not None:  # as decoder layer indices
+        start["retrieval_heads"] = [[student.config.num_self_decoder_layers + int(i), int(h)] for i, h in heads]
     if eval_rows:
-        curve.append({"step": 0, "eval_answer_accuracy": answer_accuracy(student, eval_rows)})
+        start["eval_answer_accuracy"] = answer_accuracy(student, eval_rows)
+    if len(start) > 1:
+        curve.append(start)
     fit(student, step_loss, steps, learning_rate, warmup_steps=10, progress="retrieval stage" if progress else None,
         on_step=on_step)  # fmt: skip
     student.eval()
@@ -711,7 +777,9 @@ def run_retrieval_stage(
     train_only_what_distillation_trains(student)
     curve = retrieval_stage(student, rows, eval_rows, args.retrieval_stage_steps, args.retrieval_stage_rows_per_step,
                             args.retrieval_stage_learning_rate, key_fraction=args.retrieval_stage_key_fraction,
-                            key_curriculum=0.5, attention_weight=attention, progress=progress)  # fmt: skip
+                            key_curriculum=0.5, attention_weight=attention,
+                            pointer_weight=args.retrieval_stage_pointer_weight,
+                            pointer_heads=args.retrieval_stage_pointer_heads, progress=progress)  # fmt: skip
     student.requires_grad_(False)
     return {"rows": len(rows), "held_out_rows": len(eval_rows), "steps": args.retrieval_stage_steps,
             "row_tokens": sum(len(row.input_ids) for row in rows), "curve": curve,
@@ -737,7 +805,10 @@ def model_card(student, results: dict[str, Any], args: argparse.Namespace):
            "needle rows, the cross-decoder trained on the cached self-decoder output (answer cross-entropy plus KL "
            "to the distilled model on text" + (f", plus {args.retrieval_stage_attention_weight} x the KL of the cross "
            "layers' attention at the answer to the original's attention"
-           if args.retrieval_stage_attention_weight else "") + "). " if "retrieval_stage" in results else "")
+           if args.retrieval_stage_attention_weight else "")
+           + (f", plus {args.retrieval_stage_pointer_weight} x the pointer loss on "
+              f"{args.retrieval_stage_pointer_heads} retrieval heads" if args.retrieval_stage_pointer_weight else "")
+           + "). " if "retrieval_stage" in results else "")
         + f"{config.num_self_decoder_layers} of {config.num_hidden_layers} layers kept as the self-decoder, sliding "
         f"window {config.sliding_window} with {config.attention_sink_tokens} attention sinks. Needle retrieval "
         f"(depth 0.1, {retrieval['trials']} trials): original {retrieval['original']}, YOCO {retrieval['distilled']}. "
@@ -820,6 +891,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="weight of the attention distillation in the retrieval stage (the cross layers' attention at each "
         "answer against the original's; 0: none)",
     )  # fmt: skip
+    parser.add_argument(
+        "--retrieval-stage-pointer-weight", type=non_negative_float, default=0.0,
+        help="weight of the pointer loss in the retrieval stage (the retrieval heads pushed to attend to the needle "
+        "token each answer position copies; 0: none)",
+    )  # fmt: skip
+    parser.add_argument("--retrieval-stage-pointer-heads", type=positive_int, default=4,
+                        help="retrieval heads the pointer loss trains")  # fmt: skip
     parser.add_argument("--max-steps", type=positive_int, default=200)
     parser.add_argument("--seq-len", type=positive_int, default=2048)
     parser.add_argument("--batch-size", type=positive_int, default=1)
