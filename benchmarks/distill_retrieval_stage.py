@@ -22,8 +22,19 @@ The committed `benchmarks/results/distill_smollm2/retrieval_stage/` (attention d
         --steps 200 --eval-every 40 --learning-rate 3e-4 --attention-weight 1 --key-fraction 1 --key-curriculum 0 \
         --output-dir benchmarks/results/distill_smollm2/retrieval_stage_200
 
-Writes `retrieval_stage.json` (settings, curve, answer accuracy within / beyond the window before and after,
-perplexity and needle retrieval after) and `retrieval_stage.png`; `--save DIR` keeps the model.
+`benchmarks/results/distill_smollm2/retrieval_stage_pointer/` (the same rows, plus the pointer loss on 8 retrieval
+heads; the first run whose held-out answers beyond the window rise, 0 -> 8/30):
+
+    python benchmarks/distill_retrieval_stage.py --model calibrated --rows-dir outputs/att_rows --prompts 200 \
+        --steps 360 --eval-every 60 --learning-rate 3e-4 --attention-weight 1 --pointer-weight 2 --pointer-heads 8 \
+        --key-fraction 1 --key-curriculum 0 --output-dir benchmarks/results/distill_smollm2/retrieval_stage_pointer
+
+The self-decoder is frozen by distillation too, so the same rows serve a distilled model (`--model <distill
+output>/model`; the script checks that the cached states are that model's).
+
+Writes `retrieval_stage.json` (settings, curve, answer accuracy within / beyond the window before and after, per
+answer token beyond it, perplexity and needle retrieval before and after, and the original's when it is loaded),
+`retrieval_stage.png` and `MODEL_CARD.md`; `--save DIR` keeps the model with that card.
 """
 
 from __future__ import annotations
@@ -155,11 +166,46 @@ def plot(curve: list[dict], window: int, path: Path) -> None:
     other.plot(*zip(*held), color="tab:red", marker="o", label="held-out answer accuracy")
     other.set_ylabel("held-out answers right (Persuasion)")
     other.set_ylim(0, 1)
-    fig.legend(loc="center right", fontsize=8)
+    fig.legend(loc="upper center", bbox_to_anchor=(0.5, 0.88), fontsize=8)
     ax.set_title(f"retrieval stage, window {window}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def model_card(student, results: dict, args: argparse.Namespace):
+    """The card of the model after the stage (`hf_yoco.hub.create_model_card`): perplexity and needle retrieval
+    before and after it (and the original's, when it was loaded), and how the stage trained."""
+    from hf_yoco.hub import create_model_card
+
+    eval_results = {f"perplexity ({name}), before the retrieval stage": value
+                    for name, value in results["perplexity_before"].items()}  # fmt: skip
+    eval_results |= {f"perplexity ({name}), after": value for name, value in results["perplexity"].items()}
+    for when in ("original", "before", "after"):
+        for length, accuracy in results["retrieval"].get(when, {}).items():
+            eval_results[f"needle retrieval, {length} tokens, depth 0.1 ({when})"] = accuracy
+    losses = ["answer cross-entropy", f"{args.kl_weight} x KL to the model before the stage at "
+              f"{args.text_positions} text positions"]  # fmt: skip
+    if args.attention_weight:
+        losses.append(f"{args.attention_weight} x attention distillation (the original's cross-layer attention)")
+    if args.pointer_weight:
+        losses.append(f"{args.pointer_weight} x the pointer loss on {args.pointer_heads} retrieval heads")
+    source = "SmolLM2 converted and calibrated" if args.model == "calibrated" else f"`{args.model}`"
+    summary = (
+        f"{source}, then the retrieval stage of `benchmarks/distill_retrieval_stage.py`: {args.steps} steps of "
+        f"{args.rows_per_step} needle rows (of {results['training_rows']} from {results['training_prompts']} Austen "
+        f"haystacks of {args.lengths[0]}-{args.lengths[1]} tokens, held-out novel excluded), lr {args.learning_rate}; "
+        f"loss: {', '.join(losses)}. Only the global K/V and the cross layers' q/o and norms train, on the frozen "
+        f"self-decoder's cached output. Held-out answers (Persuasion) beyond the window: "
+        f"{results['answer_accuracy_before']['beyond_window']:.2f} -> "
+        f"{results['answer_accuracy_after']['beyond_window']:.2f}."
+    )
+    return create_model_card(
+        student, description="A YOCO-fied SmolLM2-135M taught to retrieve beyond its self-decoder's window.",
+        base_model=args.base_model, license="apache-2.0", eval_results=eval_results,
+        eval_dataset=f"held out: {', '.join(results['perplexity'])} ({args.eval_tokens} tokens each); needles in "
+        f"{HELD_OUT_NOVEL}", training_summary=summary, tags=["distillation", "yoco-fied"],
+    )  # fmt: skip
 
 
 def main() -> None:
@@ -191,7 +237,8 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--retrieval-lengths", type=int, nargs="*", default=[900, 1600, 3072, 4096])
     parser.add_argument("--retrieval-trials", type=int, default=4)
-    parser.add_argument("--save", help="save the trained model here")
+    parser.add_argument("--save", help="save the trained model here (with its card)")
+    parser.add_argument("--base-model", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="the card's base model")
     parser.add_argument("--output-dir", required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -226,6 +273,16 @@ def main() -> None:
     torch.testing.assert_close(self_decoder_states(student, shortest.input_ids[None])[0], shortest.states,
                                atol=1e-4, rtol=1e-4)  # fmt: skip
 
+    files = {HELD_OUT_PLAY: build_shakespeare_corpus(HELD_OUT_PLAY, data_dir),
+             HELD_OUT_NOVEL: build_austen_corpus(HELD_OUT_NOVEL, data_dir)}  # fmt: skip
+    texts = {name: tokenizer(path.read_text(), return_tensors="pt").input_ids[0][: args.eval_tokens]
+             for name, path in files.items()}  # fmt: skip
+    window = min(2048, args.eval_tokens)
+    needles = dict(haystack=held_out, lengths=args.retrieval_lengths, trials=args.retrieval_trials, progress=False)
+    perplexity_before = evaluate(student, texts, window, False)
+    retrieval_before = retrieval(student, tokenizer, **needles)
+    retrieval_original = retrieval(teacher, tokenizer, **needles) if teacher is not None else None
+
     train_only_what_distillation_trains(student)
     before = split_accuracy(student, eval_rows)
     print(f"{len(rows)} training rows, {len(eval_rows)} held out; answers right before: {before}", flush=True)
@@ -237,10 +294,6 @@ def main() -> None:
     train_seconds = time.perf_counter() - start
     after = split_accuracy(student, eval_rows)
     print(f"answers right after: {after}", flush=True)
-    files = {HELD_OUT_PLAY: build_shakespeare_corpus(HELD_OUT_PLAY, data_dir),
-             HELD_OUT_NOVEL: build_austen_corpus(HELD_OUT_NOVEL, data_dir)}  # fmt: skip
-    texts = {name: tokenizer(path.read_text(), return_tensors="pt").input_ids[0][: args.eval_tokens]
-             for name, path in files.items()}  # fmt: skip
     results = {
         "settings": vars(args), "sliding_window": student.config.sliding_window,
         "attention_sink_tokens": student.config.attention_sink_tokens,
@@ -248,19 +301,23 @@ def main() -> None:
         "row_tokens": sum(len(row.input_ids) for row in rows), "states_seconds": states_seconds,
         "train_seconds": train_seconds, "row_visits": args.steps * args.rows_per_step,
         "answer_accuracy_before": before, "answer_accuracy_after": after, "curve": curve,
-        "perplexity": evaluate(student, texts, 2048, False),
-        "retrieval": {"needle_depth": 0.1, "trials": args.retrieval_trials,
-                      "after": retrieval(student, tokenizer, held_out, args.retrieval_lengths, args.retrieval_trials,
-                                         False)},
+        "perplexity_before": perplexity_before, "perplexity": evaluate(student, texts, window, False),
+        "retrieval": {"needle_depth": 0.1, "trials": args.retrieval_trials, "before": retrieval_before,
+                      "after": retrieval(student, tokenizer, **needles)},
     }  # fmt: skip
+    if retrieval_original is not None:
+        results["retrieval"]["original"] = retrieval_original
     print(json.dumps({k: results[k] for k in ("perplexity", "retrieval")}, indent=1))
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "retrieval_stage.json").write_text(json.dumps(results, indent=1))
     plot(curve, student.config.sliding_window, output_dir / "retrieval_stage.png")
+    card = model_card(student, results, args)
+    card.save(str(output_dir / "MODEL_CARD.md"))
     if args.save:
         student.save_pretrained(args.save)
         tokenizer.save_pretrained(args.save)
+        card.save(str(Path(args.save) / "README.md"))
 
 
 if __name__ == "__main__":

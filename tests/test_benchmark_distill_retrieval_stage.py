@@ -56,3 +56,43 @@ def test_token_accuracy_agrees_with_the_whole_answer(script, rows_and_model):
             logits = student.lm_head(student.model.cross_decoder_forward(row.states[None], positions[None]))[0]
         row.input_ids[row.answer_start :] = logits.argmax(-1)
     assert script.token_accuracy(student, perfect) == [1.0] * len(by_token)
+
+
+def test_a_tiny_run_writes_the_curve_the_evaluations_and_a_loadable_model_with_its_card(script, tmp_path,
+                                                                                      monkeypatch):  # fmt: skip
+    """The whole script on a tiny YOCO-fied Llama: rows cached on the first run and reused on the second, the
+    results before and after the stage, and the saved model loads with its card."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from hf_yoco.data import default_data_dir
+    from hf_yoco.distill import smoke_teacher
+
+    teacher, tokenizer = smoke_teacher(Path(default_data_dir()))
+    student = yocofy_llama(teacher, "sliding_window", 16, num_self_decoder_layers=3, attention_sink_tokens=2)
+    student.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    argv = ["distill_retrieval_stage.py", "--model", str(tmp_path / "tiny"), "--rows-dir", str(tmp_path / "rows"),
+            "--prompts", "10", "--eval-prompts", "2", "--lengths", "200", "300", "--steps", "2", "--eval-every", "1",
+            "--rows-per-step", "2", "--text-positions", "4", "--pointer-weight", "1", "--pointer-heads", "2",
+            "--eval-tokens", "256", "--retrieval-lengths", "96", "--retrieval-trials", "1",
+            "--output-dir", str(tmp_path / "out"), "--save", str(tmp_path / "model")]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    script.main()
+    cached = (tmp_path / "rows" / "train-000.safetensors").stat().st_mtime_ns
+    results = json.loads((tmp_path / "out" / "retrieval_stage.json").read_text())
+    assert results["training_rows"] == 40 and [e["step"] for e in results["curve"]] == [0, 1, 2]
+    assert len(results["curve"][0]["retrieval_heads"]) == 2 and results["curve"][1]["pointer_loss"] > 0
+    assert set(results["retrieval"]) == {"needle_depth", "trials", "before", "after"}  # no original loaded
+    assert results["perplexity_before"]["the-tempest"] > 1 and results["perplexity"]["persuasion"] > 1
+    assert 0 <= results["answer_accuracy_after"]["within_window"] <= 1
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert model.config.model_type == "hf_yoco"
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert card == (tmp_path / "out" / "MODEL_CARD.md").read_text()
+    assert "needle retrieval, 96 tokens, depth 0.1 (after)" in card and "1.0 x the pointer loss on 2" in card
+    script.main()  # the rows are reused, not rebuilt
+    assert (tmp_path / "rows" / "train-000.safetensors").stat().st_mtime_ns == cached
