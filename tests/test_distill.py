@@ -23,10 +23,9 @@ from hf_yoco.distill import (
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("distill")
+    out = tmp_path_factory.mktemp("distill")  # the retrieval stage with its defaults (the recipe that works)
     assert main(["distill", "--smoke", "--no-progress", "--output-dir", str(out / "run"), "--retrieval-stage-steps",
-                 "2", "--retrieval-stage-attention-weight", "1", "--retrieval-stage-pointer-weight", "1",
-                 "--retrieval-stage-pointer-heads", "2", "--results-dir", str(out / "results")]) == 0  # fmt: skip
+                 "2", "--results-dir", str(out / "results")]) == 0  # fmt: skip
     return out
 
 
@@ -45,7 +44,7 @@ def test_smoke_run_saves_a_loadable_yoco_model_with_its_card_and_numbers(smoke_r
     stage = results["retrieval_stage"]  # 2 haystacks x 4 needles, held-out rows scored before and after
     assert stage["rows"] == 8 and stage["steps"] == 2 and [e["step"] for e in stage["curve"]] == [0, 1, 2]
     assert len(stage["curve"][0]["retrieval_heads"]) == 2 and stage["curve"][1]["pointer_loss"] > 0
-    assert "x the pointer loss on 2 retrieval heads" in card
+    assert "2.0 x the pointer loss on 2 retrieval heads" in card  # 8 by default, 2 in a smoke run
     assert "eval_answer_accuracy" in stage["curve"][-1] and "retrieval stage: 2 steps on 8" in card
     assert stage["curve"][1]["attention_loss"] > 0 and "the original's attention" in card
     assert "perplexity (the-tempest), distilled" in card and "hf-yoco distill" in card

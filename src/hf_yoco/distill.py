@@ -881,22 +881,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retrieval-stage-lengths", type=positive_int, nargs=2, default=[1536, 3584],
                         metavar=("MIN", "MAX"), help="token lengths of the retrieval stage's haystacks")  # fmt: skip
     parser.add_argument("--retrieval-stage-rows-per-step", type=positive_int, default=8)
-    parser.add_argument("--retrieval-stage-learning-rate", type=positive_float, default=1e-3)
+    parser.add_argument("--retrieval-stage-learning-rate", type=positive_float, default=3e-4)
     parser.add_argument(
-        "--retrieval-stage-key-fraction", type=fraction, default=0.1,
+        "--retrieval-stage-key-fraction", type=fraction, default=1.0,
         help="share of the haystack's keys the answers see at first, growing to all over half the stage's steps",
     )  # fmt: skip
     parser.add_argument(
-        "--retrieval-stage-attention-weight", type=non_negative_float, default=0.0,
+        "--retrieval-stage-attention-weight", type=non_negative_float, default=1.0,
         help="weight of the attention distillation in the retrieval stage (the cross layers' attention at each "
         "answer against the original's; 0: none)",
     )  # fmt: skip
     parser.add_argument(
-        "--retrieval-stage-pointer-weight", type=non_negative_float, default=0.0,
+        "--retrieval-stage-pointer-weight", type=non_negative_float, default=2.0,
         help="weight of the pointer loss in the retrieval stage (the retrieval heads pushed to attend to the needle "
         "token each answer position copies; 0: none)",
     )  # fmt: skip
-    parser.add_argument("--retrieval-stage-pointer-heads", type=positive_int, default=4,
+    parser.add_argument("--retrieval-stage-pointer-heads", type=positive_int, default=8,
                         help="retrieval heads the pointer loss trains")  # fmt: skip
     parser.add_argument("--max-steps", type=positive_int, default=200)
     parser.add_argument("--seq-len", type=positive_int, default=2048)
@@ -932,7 +932,8 @@ def run(args: argparse.Namespace) -> int:
         add_arguments(defaults)
         smoke = dict(max_steps=3, seq_len=128, eval_tokens=256, eval_window=64, retrieval_lengths=[96], sliding_window=16,
                      eval_steps=2, save_steps=2, logging_steps=1, calibration_tokens=1024,
-                     retrieval_stage_prompts=2, retrieval_stage_lengths=[300, 400])  # fmt: skip
+                     retrieval_stage_prompts=2, retrieval_stage_lengths=[300, 400],
+                     retrieval_stage_pointer_heads=2)  # fmt: skip
         for key, value in smoke.items():
             if getattr(args, key) == defaults.get_default(key):
                 setattr(args, key, value)
