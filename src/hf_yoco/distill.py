@@ -524,6 +524,8 @@ def retrieval_stage(
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
     curve: list[dict[str, float]] = []
+    heads = retrieval_heads(student, rows[:32], pointer_heads) if pointer_weight else None
+    pointers: dict[int, torch.Tensor] = {}  # row index -> the needle tokens its answer copies
 
     def fraction_at(step: int) -> float:
         ramp = key_curriculum * steps
@@ -570,8 +572,8 @@ def retrieval_stage(
                 target = logits_at(reference, states, text)
             kl = F.kl_div(F.log_softmax(text_logits.float(), -1), F.log_softmax(target.float(), -1), log_target=True,
                           reduction="batchmean")  # fmt: skip
-            loss = answer_loss + kl_weight * kl + attention_weight * attention_loss + pointer_weight * pointer
-            (loss / rows_per_step).backward()
+            row_loss = answer_loss + kl_weight * kl + attention_weight * attention_loss + pointer_weight * pointer
+            (row_loss / rows_per_step).backward()
             totals["answer_loss"] += answer_loss.item() / rows_per_step
             totals["kl"] += kl.item() / rows_per_step
             totals["attention_loss"] += attention_loss.item() / rows_per_step
@@ -586,8 +588,6 @@ def retrieval_stage(
             curve[-1]["eval_answer_accuracy"] = answer_accuracy(student, eval_rows)
             student.train()
 
-    heads = retrieval_heads(student, rows[:32], pointer_heads) if pointer_weight else None
-    pointers = {}  # row index -> the needle tokens its answer copies
     start: dict[str, Any] = {"step": 0}
     if heads is not None:  # as decoder layer indices
         start["retrieval_heads"] = [[student.config.num_self_decoder_layers + int(i), int(h)] for i, h in heads]
