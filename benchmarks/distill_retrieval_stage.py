@@ -29,8 +29,14 @@ heads; the first run whose held-out answers beyond the window rise, 0 -> 8/30):
         --steps 360 --eval-every 60 --learning-rate 3e-4 --attention-weight 1 --pointer-weight 2 --pointer-heads 8 \
         --key-fraction 1 --key-curriculum 0 --output-dir benchmarks/results/distill_smollm2/retrieval_stage_pointer
 
-The self-decoder is frozen by distillation too, so the same rows serve a distilled model (`--model <distill
-output>/model`; the script checks that the cached states are that model's).
+The self-decoder is frozen by distillation too, so the same rows serve a distilled model (the script checks that the
+cached states are that model's). `benchmarks/results/distill_smollm2/retrieval_stage_distilled/` (after `hf-yoco distill
+--output-dir outputs/smollm2-yoco`):
+
+    python benchmarks/distill_retrieval_stage.py --model outputs/smollm2-yoco/model --rows-dir outputs/att_rows \
+        --prompts 200 --steps 300 --eval-every 60 --learning-rate 3e-4 --attention-weight 1 --pointer-weight 2 \
+        --pointer-heads 8 --key-fraction 1 --key-curriculum 0 --retrieval-lengths 1600 3072 4096 \
+        --output-dir benchmarks/results/distill_smollm2/retrieval_stage_distilled
 
 Writes `retrieval_stage.json` (settings, curve, answer accuracy within / beyond the window before and after, per
 answer token beyond it, perplexity and needle retrieval before and after, and the original's when it is loaded),
