@@ -61,6 +61,7 @@ from hf_yoco.distill import (
     AttentionTargets,
     NeedleRow,
     answer_accuracy,
+    answer_predictions,
     calibrate,
     default_self_decoder_layers,
     evaluate,
@@ -134,16 +135,11 @@ def calibrated_smollm2(data_dir: Path):
     return student.eval(), tokenizer, teacher
 
 
-@torch.no_grad()
 def token_accuracy(model, rows: list[NeedleRow]) -> list[float]:
     """Share of `rows` whose answer token at each position (" ", the 4 digits, ".") the model predicts (greedy,
     teacher-forced): where a copy slips. Over the shortest answer's length."""
     length = min(len(row.input_ids) - row.answer_start for row in rows)
-    right = torch.zeros(length)
-    for row in rows:
-        positions = torch.arange(row.answer_start - 1, row.answer_start - 1 + length)
-        logits = model.lm_head(model.model.cross_decoder_forward(row.states[None], positions[None]))[0]
-        right += (logits.argmax(-1) == row.input_ids[row.answer_start : row.answer_start + length]).float()
+    right = sum((answer_predictions(model, row) == row.input_ids[row.answer_start :])[:length].float() for row in rows)
     return (right / len(rows)).tolist()
 
 
@@ -238,7 +234,7 @@ def main() -> None:
     parser.add_argument("--pointer-weight", type=float, default=0.0,
                         help="weight of the pointer loss (the retrieval heads pushed to attend to the needle token "
                         "each answer position copies)")  # fmt: skip
-    parser.add_argument("--pointer-heads", type=int, default=4, help="retrieval heads the pointer loss trains")
+    parser.add_argument("--pointer-heads", type=int, default=8, help="retrieval heads the pointer loss trains")
     parser.add_argument("--beyond-only", action="store_true", help="train on rows with the needle beyond the window")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--retrieval-lengths", type=int, nargs="*", default=[900, 1600, 3072, 4096])

@@ -67,3 +67,27 @@ def load_benchmark(name: str):
         yield module
     finally:
         sys.modules.pop(spec.name, None)
+
+
+def tiny_needle_rows(self_decoder_layers: int, prompts: int, lengths: tuple[int, int], needles: int, seed: int,
+                     attention_top_k: int | None = None, sharpen: bool = False):  # fmt: skip
+    """A YOCO-fied tiny random Llama (window 16, 2 sinks) and needle rows in Macbeth for the retrieval-stage tests:
+    `(teacher, student, tokenizer, rows)`; with `attention_top_k` the rows hold the teacher's attention, `sharpen`
+    scales its q/k first (peaked attention, as a trained model's; a random one's is nearly uniform)."""
+    from hf_yoco.convert import yocofy_llama
+    from hf_yoco.data import build_shakespeare_corpus, default_data_dir
+    from hf_yoco.distill import needle_rows, smoke_teacher
+
+    data_dir = Path(default_data_dir())
+    teacher, tokenizer = smoke_teacher(data_dir)
+    if sharpen:
+        with torch.no_grad():
+            for layer in teacher.model.layers:
+                layer.self_attn.q_proj.weight.mul_(8)
+                layer.self_attn.k_proj.weight.mul_(8)
+    student = yocofy_llama(teacher, "sliding_window", 16, num_self_decoder_layers=self_decoder_layers,
+                           attention_sink_tokens=2)  # fmt: skip
+    haystack = tokenizer(build_shakespeare_corpus("macbeth", data_dir).read_text(), add_special_tokens=False).input_ids
+    attention = {} if attention_top_k is None else {"teacher": teacher, "attention_top_k": attention_top_k}
+    rows = needle_rows(student, tokenizer, haystack, prompts, lengths, needles=needles, seed=seed, **attention)
+    return teacher, student, tokenizer, rows

@@ -3,7 +3,7 @@ questions still share one copy of its states), and the per-token answer accuracy
 
 import pytest
 import torch
-from conftest import load_benchmark
+from conftest import load_benchmark, tiny_needle_rows
 
 from hf_yoco.convert import yocofy_llama
 
@@ -16,17 +16,7 @@ def script():
 
 @pytest.fixture(scope="module")
 def rows_and_model():
-    from pathlib import Path
-
-    from hf_yoco.data import build_shakespeare_corpus, default_data_dir
-    from hf_yoco.distill import needle_rows, smoke_teacher
-
-    data_dir = Path(default_data_dir())
-    teacher, tokenizer = smoke_teacher(data_dir)
-    student = yocofy_llama(teacher, "sliding_window", 16, num_self_decoder_layers=2, attention_sink_tokens=2)
-    haystack = tokenizer(build_shakespeare_corpus("macbeth", data_dir).read_text(), add_special_tokens=False).input_ids
-    rows = needle_rows(student, tokenizer, haystack, 2, (200, 300), needles=2, seed=3, teacher=teacher,
-                       attention_top_k=4)  # fmt: skip
+    _, student, _, rows = tiny_needle_rows(2, 2, (200, 300), needles=2, seed=3, attention_top_k=4)
     return student, rows
 
 
@@ -43,7 +33,7 @@ def test_rows_round_trip_and_share_their_haystack(script, rows_and_model, tmp_pa
 
 
 def test_token_accuracy_agrees_with_the_whole_answer(script, rows_and_model):
-    from hf_yoco.distill import answer_accuracy
+    from hf_yoco.distill import answer_accuracy, answer_predictions
 
     student, rows = rows_and_model
     by_token = script.token_accuracy(student, rows)
@@ -51,10 +41,7 @@ def test_token_accuracy_agrees_with_the_whole_answer(script, rows_and_model):
     assert all(0 <= share <= 1 for share in by_token) and min(by_token) >= answer_accuracy(student, rows)
     perfect = [row._replace(input_ids=row.input_ids.clone()) for row in rows]
     for row in perfect:  # answers replaced by the model's own greedy predictions: every token right
-        positions = torch.arange(row.answer_start - 1, len(row.input_ids) - 1)
-        with torch.no_grad():
-            logits = student.lm_head(student.model.cross_decoder_forward(row.states[None], positions[None]))[0]
-        row.input_ids[row.answer_start :] = logits.argmax(-1)
+        row.input_ids[row.answer_start :] = answer_predictions(student, row)
     assert script.token_accuracy(student, perfect) == [1.0] * len(by_token)
 
 

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_needle_rows
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from hf_yoco.cli import main
@@ -176,16 +177,8 @@ def test_gradient_accumulation_matches_one_larger_batch(tmp_path):
 
 @pytest.fixture(scope="module")
 def needle_setup():
-    from pathlib import Path
-
-    from hf_yoco.data import build_shakespeare_corpus, default_data_dir
-    from hf_yoco.distill import needle_rows, smoke_teacher
-
-    data_dir = Path(default_data_dir())
-    teacher, tokenizer = smoke_teacher(data_dir)
-    student = yocofy_llama(teacher, "sliding_window", 16, num_self_decoder_layers=3, attention_sink_tokens=2)
-    haystack = tokenizer(build_shakespeare_corpus("macbeth", data_dir).read_text(), add_special_tokens=False).input_ids
-    return student, tokenizer, needle_rows(student, tokenizer, haystack, 2, (300, 400), needles=3, seed=1)
+    _, student, tokenizer, rows = tiny_needle_rows(3, 2, (300, 400), needles=3, seed=1)
+    return student, tokenizer, rows
 
 
 def test_needle_rows_cache_the_self_decoder_output_of_each_question(needle_setup):
@@ -261,21 +254,7 @@ def test_key_curriculum_keeps_the_needle_and_the_question_and_grows_to_every_key
 
 @pytest.fixture(scope="module")
 def attention_setup():
-    from pathlib import Path
-
-    from hf_yoco.data import build_shakespeare_corpus, default_data_dir
-    from hf_yoco.distill import needle_rows, smoke_teacher
-
-    data_dir = Path(default_data_dir())
-    teacher, tokenizer = smoke_teacher(data_dir)
-    with torch.no_grad():  # peaked attention, as a trained model's (a random one's is nearly uniform)
-        for layer in teacher.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8)
-            layer.self_attn.k_proj.weight.mul_(8)
-    student = yocofy_llama(teacher, "sliding_window", 16, num_self_decoder_layers=2, attention_sink_tokens=2)
-    haystack = tokenizer(build_shakespeare_corpus("macbeth", data_dir).read_text(), add_special_tokens=False).input_ids
-    rows = needle_rows(student, tokenizer, haystack, 2, (200, 300), needles=2, seed=2, teacher=teacher,
-                       attention_top_k=8)  # fmt: skip
+    teacher, student, _, rows = tiny_needle_rows(2, 2, (200, 300), needles=2, seed=2, attention_top_k=8, sharpen=True)
     return teacher, student, rows
 
 

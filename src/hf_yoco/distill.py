@@ -366,15 +366,17 @@ def needle_rows(
     return rows
 
 
+@torch.no_grad()
+def answer_predictions(model, row: NeedleRow) -> torch.Tensor:
+    """The model's greedy, teacher-forced prediction of each answer token of `row` `[A]`, from the cached states."""
+    positions = torch.arange(row.answer_start - 1, len(row.input_ids) - 1)
+    return model.lm_head(model.model.cross_decoder_forward(row.states[None], positions[None]))[0].argmax(-1)
+
+
 def answer_accuracy(model, rows: list[NeedleRow]) -> float:
     """Share of `rows` whose whole answer the model predicts token by token (greedy, teacher-forced)."""
     model.eval()
-    correct = 0
-    with torch.no_grad():
-        for row in rows:
-            positions = torch.arange(row.answer_start - 1, len(row.input_ids) - 1)
-            logits = model.lm_head(model.model.cross_decoder_forward(row.states[None], positions[None]))[0]
-            correct += bool((logits.argmax(-1) == row.input_ids[row.answer_start :]).all())
+    correct = sum(bool((answer_predictions(model, row) == row.input_ids[row.answer_start :]).all()) for row in rows)
     return correct / max(len(rows), 1)
 
 
