@@ -71,6 +71,7 @@ from hf_yoco.distill import (
     retrieval_stage,
     self_decoder_states,
     smollm2_corpora,
+    text_block_states,
     train_only_what_distillation_trains,
 )
 
@@ -187,7 +188,11 @@ def model_card(student, results: dict, args: argparse.Namespace):
         for length, accuracy in results["retrieval"].get(when, {}).items():
             eval_results[f"needle retrieval, {length} tokens, depth 0.1 ({when})"] = accuracy
     losses = ["answer cross-entropy", f"{args.kl_weight} x KL to the model before the stage at "
-              f"{args.text_positions} text positions"]  # fmt: skip
+              f"{args.text_positions} text positions per row"]  # fmt: skip
+    if args.text_blocks:
+        losses.append(f"the same KL at {args.rows_per_step * args.text_positions} positions of one of "
+                      f"{args.text_blocks} blocks of {args.text_length} tokens per training text (Shakespeare, "
+                      "Austen) per step")  # fmt: skip
     if args.attention_weight:
         losses.append(f"{args.attention_weight} x attention distillation (the original's cross-layer attention)")
     if args.pointer_weight:
@@ -224,6 +229,9 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--text-positions", type=int, default=32)
     parser.add_argument("--kl-weight", type=float, default=1.0)
+    parser.add_argument("--text-blocks", type=int, default=0,
+                        help="blocks per training text (Shakespeare, Austen) whose KL each step also takes, in turn")  # fmt: skip
+    parser.add_argument("--text-length", type=int, default=2048, help="tokens per text block")
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--key-fraction", type=float, default=0.1, help="share of haystack keys the answer first sees")
     parser.add_argument("--key-curriculum", type=float, default=0.5, help="share of the steps it grows to 1 over")
@@ -285,6 +293,12 @@ def main() -> None:
     retrieval_before = retrieval(student, tokenizer, **needles)
     retrieval_original = retrieval(teacher, tokenizer, **needles) if teacher is not None else None
 
+    text_states = None
+    if args.text_blocks:  # the distillation's training text, beside the haystacks
+        training_texts = [tokenizer(path.read_text(), add_special_tokens=False).input_ids
+                          for path in smollm2_corpora(data_dir)[0]]  # fmt: skip
+        text_states = text_block_states(student, training_texts, args.text_blocks, args.text_length)
+
     train_only_what_distillation_trains(student)
     before = split_accuracy(student, eval_rows)
     print(f"{len(rows)} training rows, {len(eval_rows)} held out; answers right before: {before}", flush=True)
@@ -292,7 +306,7 @@ def main() -> None:
     curve = retrieval_stage(student, rows, eval_rows, args.steps, args.rows_per_step, args.learning_rate,
                             args.text_positions, args.kl_weight, args.eval_every, args.key_fraction,
                             args.key_curriculum, args.attention_weight, args.pointer_weight, args.pointer_heads,
-                            progress=True)  # fmt: skip
+                            text_states, progress=True)  # fmt: skip
     train_seconds = time.perf_counter() - start
     after = split_accuracy(student, eval_rows)
     print(f"answers right after: {after}", flush=True)

@@ -65,8 +65,8 @@ def test_a_tiny_run_writes_the_curve_the_evaluations_and_a_loadable_model_with_i
     argv = ["distill_retrieval_stage.py", "--model", str(tmp_path / "tiny"), "--rows-dir", str(tmp_path / "rows"),
             "--prompts", "10", "--eval-prompts", "2", "--lengths", "200", "300", "--steps", "2", "--eval-every", "1",
             "--rows-per-step", "2", "--text-positions", "4", "--pointer-weight", "1", "--pointer-heads", "2",
-            "--eval-tokens", "256", "--retrieval-lengths", "96", "--retrieval-trials", "1",
-            "--output-dir", str(tmp_path / "out"), "--save", str(tmp_path / "model")]  # fmt: skip
+            "--eval-tokens", "256", "--retrieval-lengths", "96", "--retrieval-trials", "1", "--text-blocks", "1",
+            "--text-length", "64", "--output-dir", str(tmp_path / "out"), "--save", str(tmp_path / "model")]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     script.main()
     cached = (tmp_path / "rows" / "train-000.safetensors").stat().st_mtime_ns
@@ -81,5 +81,6 @@ def test_a_tiny_run_writes_the_curve_the_evaluations_and_a_loadable_model_with_i
     card = (tmp_path / "model" / "README.md").read_text()
     assert card == (tmp_path / "out" / "MODEL_CARD.md").read_text()
     assert "needle retrieval, 96 tokens, depth 0.1 (after)" in card and "1.0 x the pointer loss on 2" in card
+    assert results["curve"][2]["text_kl"] > 0 and "8 positions of one of 1 blocks of 64 tokens" in card
     script.main()  # the rows are reused, not rebuilt
     assert (tmp_path / "rows" / "train-000.safetensors").stat().st_mtime_ns == cached

