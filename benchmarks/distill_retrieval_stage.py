@@ -226,20 +226,20 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs=2, default=[1536, 3584])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--rows-per-step", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--text-positions", type=int, default=32)
-    parser.add_argument("--kl-weight", type=float, default=1.0)
-    parser.add_argument("--text-blocks", type=int, default=0,
+    parser.add_argument("--kl-weight", type=float, default=2.0)
+    parser.add_argument("--text-blocks", type=int, default=16,
                         help="blocks per training text (Shakespeare, Austen) whose KL each step also takes, in turn")  # fmt: skip
     parser.add_argument("--text-length", type=int, default=2048, help="tokens per text block")
     parser.add_argument("--eval-every", type=int, default=25)
-    parser.add_argument("--key-fraction", type=float, default=0.1, help="share of haystack keys the answer first sees")
-    parser.add_argument("--key-curriculum", type=float, default=0.5, help="share of the steps it grows to 1 over")
-    parser.add_argument("--attention-weight", type=float, default=0.0,
+    parser.add_argument("--key-fraction", type=float, default=1.0, help="share of haystack keys the answer first sees")
+    parser.add_argument("--key-curriculum", type=float, default=0.0, help="share of the steps it grows to 1 over")
+    parser.add_argument("--attention-weight", type=float, default=1.0,
                         help="weight of the attention distillation (the original's cross-layer attention at the "
                         "answer; the rows then hold it, the original runs over each haystack once)")  # fmt: skip
     parser.add_argument("--attention-top-k", type=int, default=32, help="keys kept per head of the original's")
-    parser.add_argument("--pointer-weight", type=float, default=0.0,
+    parser.add_argument("--pointer-weight", type=float, default=2.0,
                         help="weight of the pointer loss (the retrieval heads pushed to attend to the needle token "
                         "each answer position copies)")  # fmt: skip
     parser.add_argument("--pointer-heads", type=int, default=8, help="retrieval heads the pointer loss trains")

@@ -947,14 +947,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retrieval-stage-pointer-heads", type=positive_int, default=8,
                         help="retrieval heads the pointer loss trains")  # fmt: skip
     parser.add_argument(
-        "--retrieval-stage-kl-weight", type=non_negative_float, default=1.0,
+        "--retrieval-stage-kl-weight", type=non_negative_float, default=2.0,
         help="weight of the KL to the distilled model at text positions in the retrieval stage (what holds its "
         "perplexity)",
     )  # fmt: skip
     parser.add_argument("--retrieval-stage-text-positions", type=positive_int, default=32,
                         help="text positions per needle row the retrieval stage's KL is taken at")  # fmt: skip
     parser.add_argument(
-        "--retrieval-stage-text-blocks", type=non_negative_int, default=0,
+        "--retrieval-stage-text-blocks", type=non_negative_int, default=16,
         help="blocks of each training text (of --seq-len tokens) whose KL the retrieval stage also takes, one per "
         "step in turn (0: the haystacks' text positions only)",
     )  # fmt: skip
