@@ -5,21 +5,32 @@ Beyond the self-decoder's window only the cross-decoder reaches a needle, throug
 takes thousands of long prompts. The self-decoder is frozen, so each prompt's self-decoder output is computed once
 (`needle_rows`: 4 needles per haystack of 1536-3584 Austen tokens, each needle's question continuing the cached
 haystack) and every training step then runs only the global K/V and the cross-decoder, at the answer's positions and
-at 32 text positions whose KL to the model before the stage holds its perplexity.
+at 32 text positions whose KL to the model before the stage holds its perplexity (with `--text-blocks`, also at
+blocks of every training text). The defaults are the recipe of `hf-yoco distill --retrieval-stage-steps`:
 
     python benchmarks/distill_retrieval_stage.py --model outputs/smollm2-yoco/model \
         --rows-dir outputs/needle_rows --output-dir outputs/retrieval_stage
 
-The committed `benchmarks/results/distill_smollm2/retrieval_stage/` (attention distillation on the calibrated model):
+`benchmarks/results/distill_smollm2/retrieval_stage_text_kl/` (that recipe on the distilled model, after `hf-yoco
+distill --output-dir outputs/smollm2-yoco`; `retrieval_stage_text_kl15/`: the same with `--kl-weight 1.5`):
+
+    python benchmarks/distill_retrieval_stage.py --model outputs/smollm2-yoco/model --rows-dir outputs/att_rows \
+        --prompts 200 --steps 300 --eval-every 60 --kl-weight 2 --text-blocks 16 --retrieval-lengths 1600 3072 4096 \
+        --retrieval-trials 8 --output-dir benchmarks/results/distill_smollm2/retrieval_stage_text_kl
+
+The earlier runs, each with the KL on the haystacks only (`--kl-weight 1 --text-blocks 0`).
+
+`benchmarks/results/distill_smollm2/retrieval_stage/` (attention distillation on the calibrated model):
 
     python benchmarks/distill_retrieval_stage.py --model calibrated --rows-dir outputs/att_rows --prompts 60 \
         --steps 100 --eval-every 20 --learning-rate 3e-4 --attention-weight 1 --key-fraction 1 --key-curriculum 0 \
-        --output-dir benchmarks/results/distill_smollm2/retrieval_stage
+        --pointer-weight 0 --kl-weight 1 --text-blocks 0 --output-dir benchmarks/results/distill_smollm2/retrieval_stage
 
 `benchmarks/results/distill_smollm2/retrieval_stage_200/` (the same with 200 haystacks; the first 60 are shared):
 
     python benchmarks/distill_retrieval_stage.py --model calibrated --rows-dir outputs/att_rows --prompts 200 \
         --steps 200 --eval-every 40 --learning-rate 3e-4 --attention-weight 1 --key-fraction 1 --key-curriculum 0 \
+        --pointer-weight 0 --kl-weight 1 --text-blocks 0 \
         --output-dir benchmarks/results/distill_smollm2/retrieval_stage_200
 
 `benchmarks/results/distill_smollm2/retrieval_stage_pointer/` (the same rows, plus the pointer loss on 8 retrieval
@@ -27,7 +38,8 @@ heads; the first run whose held-out answers beyond the window rise, 0 -> 8/30):
 
     python benchmarks/distill_retrieval_stage.py --model calibrated --rows-dir outputs/att_rows --prompts 200 \
         --steps 360 --eval-every 60 --learning-rate 3e-4 --attention-weight 1 --pointer-weight 2 --pointer-heads 8 \
-        --key-fraction 1 --key-curriculum 0 --output-dir benchmarks/results/distill_smollm2/retrieval_stage_pointer
+        --key-fraction 1 --key-curriculum 0 --kl-weight 1 --text-blocks 0 \
+        --output-dir benchmarks/results/distill_smollm2/retrieval_stage_pointer
 
 The self-decoder is frozen by distillation too, so the same rows serve a distilled model (the script checks that the
 cached states are that model's). `benchmarks/results/distill_smollm2/retrieval_stage_distilled/` (after `hf-yoco distill
@@ -35,8 +47,8 @@ cached states are that model's). `benchmarks/results/distill_smollm2/retrieval_s
 
     python benchmarks/distill_retrieval_stage.py --model outputs/smollm2-yoco/model --rows-dir outputs/att_rows \
         --prompts 200 --steps 300 --eval-every 60 --learning-rate 3e-4 --attention-weight 1 --pointer-weight 2 \
-        --pointer-heads 8 --key-fraction 1 --key-curriculum 0 --retrieval-lengths 1600 3072 4096 \
-        --output-dir benchmarks/results/distill_smollm2/retrieval_stage_distilled
+        --pointer-heads 8 --key-fraction 1 --key-curriculum 0 --retrieval-lengths 1600 3072 4096 --kl-weight 1 \
+        --text-blocks 0 --output-dir benchmarks/results/distill_smollm2/retrieval_stage_distilled
 
 Writes `retrieval_stage.json` (settings, curve, answer accuracy within / beyond the window before and after, per
 answer token beyond it, perplexity and needle retrieval before and after, and the original's when it is loaded),
