@@ -242,7 +242,8 @@ def main() -> None:
     parser.add_argument("--text-positions", type=int, default=32)
     parser.add_argument("--kl-weight", type=float, default=2.0)
     parser.add_argument("--text-blocks", type=int, default=16,
-                        help="blocks per training text (Shakespeare, Austen) whose KL each step also takes, in turn")  # fmt: skip
+                        help="blocks per training text (Shakespeare, Austen) whose KL each step also takes, in "
+                        "turn (0: the haystacks' text positions only)")  # fmt: skip
     parser.add_argument("--text-length", type=int, default=2048, help="tokens per text block")
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--key-fraction", type=float, default=1.0, help="share of haystack keys the answer first sees")

@@ -66,7 +66,8 @@ def test_a_tiny_run_writes_the_curve_the_evaluations_and_a_loadable_model_with_i
             "--prompts", "10", "--eval-prompts", "2", "--lengths", "200", "300", "--steps", "2", "--eval-every", "1",
             "--rows-per-step", "2", "--text-positions", "4", "--pointer-weight", "1", "--pointer-heads", "2",
             "--attention-weight", "0", "--eval-tokens", "256", "--retrieval-lengths", "96", "--retrieval-trials", "1",
-            "--text-blocks", "1", "--text-length", "64", "--output-dir", str(tmp_path / "out"), "--save", str(tmp_path / "model")]  # fmt: skip
+            "--text-blocks", "1", "--text-length", "64", "--output-dir", str(tmp_path / "out"),
+            "--save", str(tmp_path / "model")]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     script.main()
     cached = (tmp_path / "rows" / "train-000.safetensors").stat().st_mtime_ns

@@ -520,8 +520,8 @@ def retrieval_stage(
     question and the answer always, every key at its true position), growing linearly to all of them over the first
     `key_curriculum` share of the steps; the text positions (and the attention distillation) always see every key.
     Trains what the distillation trains (parameters with `requires_grad`). Returns the curve (loss, answer loss, KL,
-    text KL, attention loss, pointer loss, kept key share, and held-out answer accuracy with every key every `eval_every`
-    steps); with `pointer_weight`, its first entry names the retrieval heads."""
+    text KL, attention loss, pointer loss, kept key share, and held-out answer accuracy with every key every
+    `eval_every` steps); with `pointer_weight`, its first entry names the retrieval heads."""
     import contextlib
     import copy
     import random
