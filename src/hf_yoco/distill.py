@@ -558,6 +558,13 @@ def retrieval_stage(
         index = torch.searchsorted(keys, indices)  # the queries' indices among the kept keys
         return model.lm_head(model.model.cross_decoder_forward(states[keys][None], index[None], keys[None]))[0]
 
+    def kl_to_reference(logits: torch.Tensor, states: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """KL from the model before the stage to the student's `logits` `[Q, V]` at `indices` of `states`."""
+        with torch.no_grad():
+            target = logits_at(reference, states, indices)
+        return F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(target.float(), -1), log_target=True,
+                        reduction="batchmean")  # fmt: skip
+
     def step_loss(step: int) -> float:
         nonlocal order
         fraction = fraction_at(step)
@@ -566,10 +573,7 @@ def retrieval_stage(
             block = text_states[step % len(text_states)]  # [T, d]
             positions = torch.tensor(sorted(rng.sample(range(len(block)), min(rows_per_step * text_positions,
                                                                                len(block)))))  # fmt: skip
-            with torch.no_grad():
-                target = logits_at(reference, block, positions)
-            text_kl = F.kl_div(F.log_softmax(logits_at(student, block, positions).float(), -1),
-                               F.log_softmax(target.float(), -1), log_target=True, reduction="batchmean")  # fmt: skip
+            text_kl = kl_to_reference(logits_at(student, block, positions), block, positions)
             (kl_weight * text_kl).backward()
             totals["text_kl"] = text_kl.item()
         for _ in range(rows_per_step):
@@ -598,10 +602,7 @@ def retrieval_stage(
             if fraction < 1:
                 answer_logits = logits_at(student, states, answer, kept_keys(row, fraction, generator))
             answer_loss = F.cross_entropy(answer_logits.float(), row.input_ids[row.answer_start :])
-            with torch.no_grad():
-                target = logits_at(reference, states, text)
-            kl = F.kl_div(F.log_softmax(text_logits.float(), -1), F.log_softmax(target.float(), -1), log_target=True,
-                          reduction="batchmean")  # fmt: skip
+            kl = kl_to_reference(text_logits, states, text)
             row_loss = answer_loss + kl_weight * kl + attention_weight * attention_loss + pointer_weight * pointer
             (row_loss / rows_per_step).backward()
             totals["answer_loss"] += answer_loss.item() / rows_per_step
