@@ -307,10 +307,10 @@ def main() -> None:
     retrieval_original = retrieval(teacher, tokenizer, **needles) if teacher is not None else None
 
     text_states = None
-    if args.text_blocks:  # the distillation's training text, beside the haystacks
-        training_texts = [tokenizer(path.read_text(), add_special_tokens=False).input_ids
-                          for path in smollm2_corpora(data_dir)[0]]  # fmt: skip
-        text_states = text_block_states(student, training_texts, args.text_blocks, args.text_length)
+    if args.text_blocks:  # the distillation's training text: Shakespeare, and the Austen of the haystacks
+        shakespeare, _ = smollm2_corpora(data_dir)[0]
+        shakespeare_ids = tokenizer(shakespeare.read_text(), add_special_tokens=False).input_ids
+        text_states = text_block_states(student, [shakespeare_ids, train_haystack], args.text_blocks, args.text_length)
 
     train_only_what_distillation_trains(student)
     before = split_accuracy(student, eval_rows)
