@@ -264,6 +264,8 @@ def main() -> None:
     parser.add_argument("--base-model", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="the card's base model")
     parser.add_argument("--output-dir", required=True)
     args = parser.parse_args()
+    if args.key_fraction < 1 and not args.key_curriculum:
+        parser.error(f"--key-fraction {args.key_fraction} below 1 needs --key-curriculum above 0")
     torch.manual_seed(0)
     data_dir = Path(default_data_dir())
     teacher = None

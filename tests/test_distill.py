@@ -251,6 +251,9 @@ def test_retrieval_stage_lengths_must_reach_beyond_the_window(tmp_path, capsys):
     assert main(["distill", "--smoke", "--no-progress", "--retrieval-stage-steps", "2", "--retrieval-stage-lengths",
                  "300", "16", "--output-dir", str(tmp_path)]) == 2  # fmt: skip
     assert "--retrieval-stage-lengths must be MIN <= MAX with MAX above --sliding-window 16" in capsys.readouterr().err
+    assert main(["distill", "--smoke", "--no-progress", "--retrieval-stage-steps", "2", "--retrieval-stage-key-fraction",
+                 "0.2", "--retrieval-stage-key-curriculum", "0", "--output-dir", str(tmp_path)]) == 2  # fmt: skip
+    assert "--retrieval-stage-key-curriculum above 0" in capsys.readouterr().err
 
 
 def test_key_curriculum_keeps_the_needle_and_the_question_and_grows_to_every_key(needle_setup):
@@ -273,6 +276,8 @@ def test_key_curriculum_keeps_the_needle_and_the_question_and_grows_to_every_key
                             key_fraction=0.1, key_curriculum=0.5)  # fmt: skip
     assert [round(e["key_fraction"], 2) for e in curve] == [0.1, 0.4, 0.7, 1.0, 1.0, 1.0]
     assert curve[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # text positions always see every key
+    with pytest.raises(ValueError, match="key_curriculum > 0"):  # no ramp would ignore key_fraction
+        retrieval_stage(student, rows, [], steps=6, rows_per_step=1, learning_rate=1e-3, key_fraction=0.1)
 
 
 @pytest.fixture(scope="module")

@@ -532,6 +532,9 @@ def retrieval_stage(
         raise ValueError(
             "attention_weight > 0 needs rows built with the original's attention: needle_rows(teacher=...)"
         )
+    if key_fraction < 1 and key_curriculum * steps < 1:
+        raise ValueError(f"key_fraction {key_fraction} below 1 needs key_curriculum > 0 (the share of the {steps} "
+                         f"steps the key share grows to 1 over), got {key_curriculum}")  # fmt: skip
     if pointer_weight and not 0 < pointer_heads <= student.config.num_attention_heads * (
         student.config.num_hidden_layers - student.config.num_self_decoder_layers
     ):
@@ -812,7 +815,7 @@ def run_retrieval_stage(
     curve = retrieval_stage(student, rows, eval_rows, args.retrieval_stage_steps, args.retrieval_stage_rows_per_step,
                             args.retrieval_stage_learning_rate, text_positions=args.retrieval_stage_text_positions,
                             kl_weight=args.retrieval_stage_kl_weight, key_fraction=args.retrieval_stage_key_fraction,
-                            key_curriculum=0.5, attention_weight=attention,
+                            key_curriculum=args.retrieval_stage_key_curriculum, attention_weight=attention,
                             pointer_weight=args.retrieval_stage_pointer_weight,
                             pointer_heads=args.retrieval_stage_pointer_heads, text_states=text_states,
                             progress=progress)  # fmt: skip
@@ -933,7 +936,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retrieval-stage-learning-rate", type=positive_float, default=3e-4)
     parser.add_argument(
         "--retrieval-stage-key-fraction", type=fraction, default=1.0,
-        help="share of the haystack's keys the answers see at first, growing to all over half the stage's steps",
+        help="share of the haystack's keys the answers see at first (1: all of them from the start)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--retrieval-stage-key-curriculum", type=fraction, default=0.5,
+        help="share of the retrieval stage's steps over which the answers' key share grows to 1 (no effect at "
+        "--retrieval-stage-key-fraction 1)",
     )  # fmt: skip
     parser.add_argument(
         "--retrieval-stage-attention-weight", type=non_negative_float, default=1.0,
@@ -1009,6 +1017,9 @@ def run(args: argparse.Namespace) -> int:
     if args.retrieval_stage_steps and (low > high or high <= args.sliding_window):
         raise ValueError(f"--retrieval-stage-lengths must be MIN <= MAX with MAX above --sliding-window "
                          f"{args.sliding_window} (needles beyond the window), got {low} {high}")  # fmt: skip
+    if args.retrieval_stage_key_fraction < 1 and not args.retrieval_stage_key_curriculum:
+        raise ValueError(f"--retrieval-stage-key-fraction {args.retrieval_stage_key_fraction} below 1 needs "
+                         "--retrieval-stage-key-curriculum above 0 (the share of the steps it grows to 1 over)")  # fmt: skip
     results = distill(args)
     worst = max(results["ratio_to_original"].values())
     print(f"distilled / original perplexity: {math.ceil(worst * 100) / 100:.2f}x at most")
