@@ -33,13 +33,14 @@ VOCAB = 64
 SIZES = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
              initializer_range=0.2)  # fmt: skip
 MODELS = ["swa", "gret", "block"]
+LLAMA = LlamaConfig(**SIZES, num_hidden_layers=4)
 GREEDY = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=8)
 
 
 def build(name: str):
     torch.manual_seed(0)
     if name == "llama":
-        return LlamaForCausalLM(LlamaConfig(**SIZES, num_hidden_layers=4)).eval()
+        return LlamaForCausalLM(LLAMA).eval()
     if name == "block":
         config = hf_yoco.BlockTransformerConfig(**SIZES, block_length=4, num_prefix_tokens=2)
         return hf_yoco.BlockTransformerForCausalLM(config).eval()
@@ -127,7 +128,7 @@ def test_evicted_requests_still_equal_greedy(name, offload_gib, evictions, monke
     expected = [greedy(model, p, new_tokens) for p in inputs]
     config = ContinuousBatchingConfig(num_blocks=llama_blocks, max_batch_tokens=16, page_size=4,
                                       max_requests_per_batch=4, cpu_offload_space=offload_gib)  # fmt: skip
-    budget = paged_cache_bytes(build("llama").config, config)
+    budget = paged_cache_bytes(LLAMA, config)
     config.num_blocks = num_blocks_within(model.config, budget, config)
     assert paged_cache_bytes(model.config, config) <= budget
     generation = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=new_tokens)
