@@ -532,9 +532,9 @@ def retrieval_stage(
         raise ValueError(
             "attention_weight > 0 needs rows built with the original's attention: needle_rows(teacher=...)"
         )
-    if key_fraction < 1 and key_curriculum * steps < 1:
-        raise ValueError(f"key_fraction {key_fraction} below 1 needs key_curriculum > 0 (the share of the {steps} "
-                         f"steps the key share grows to 1 over), got {key_curriculum}")  # fmt: skip
+    if key_fraction < 1 and key_curriculum <= 0:  # no ramp: every key from the first step
+        raise ValueError(f"key_fraction {key_fraction} below 1 needs key_curriculum > 0 (the share of the steps the "
+                         f"key share grows to 1 over), got {key_curriculum}")  # fmt: skip
     if pointer_weight and not 0 < pointer_heads <= student.config.num_attention_heads * (
         student.config.num_hidden_layers - student.config.num_self_decoder_layers
     ):
@@ -1017,8 +1017,10 @@ def run(args: argparse.Namespace) -> int:
     if args.retrieval_stage_steps and (low > high or high <= args.sliding_window):
         raise ValueError(f"--retrieval-stage-lengths must be MIN <= MAX with MAX above --sliding-window "
                          f"{args.sliding_window} (needles beyond the window), got {low} {high}")  # fmt: skip
-    if args.retrieval_stage_key_fraction < 1 and not args.retrieval_stage_key_curriculum:
-        raise ValueError(f"--retrieval-stage-key-fraction {args.retrieval_stage_key_fraction} below 1 needs "
+    # retrieval_stage checks this too, but only after distillation and the needle rows
+    key_fraction, key_curriculum = args.retrieval_stage_key_fraction, args.retrieval_stage_key_curriculum
+    if args.retrieval_stage_steps and key_fraction < 1 and not key_curriculum:
+        raise ValueError(f"--retrieval-stage-key-fraction {key_fraction} below 1 needs "
                          "--retrieval-stage-key-curriculum above 0 (the share of the steps it grows to 1 over)")  # fmt: skip
     results = distill(args)
     worst = max(results["ratio_to_original"].values())
